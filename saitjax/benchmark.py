@@ -1,0 +1,174 @@
+"""Throughput benchmark: dense vs sparse (and saitjax vs timm PyTorch), measured in one run.
+
+    python -m saitjax.benchmark --model deit_small_patch16_224 --batch-sizes 1,32 --keep 0.7 \
+        --vs-timm --json results.jsonl
+
+Protocol (design.md §5): inputs on device; compile first and report compile time apart;
+warm-up calls; then ``--runs`` timed calls, each ending in ``block_until_ready``, *interleaved*
+across the compared variants so that drift of the machine affects all of them alike; the median
+is reported. FLOPs two ways: analytic GMACs from the token schedule and XLA's count of the
+compiled function. Ratios (sparse vs dense, saitjax vs timm) come from the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import saitjax
+from saitjax.flops import analytic_gmacs, xla_flops
+from saitjax.sparsity import SparsityError, SparsitySpec, parse_keep
+
+
+def _environment() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {"device": getattr(device, "device_kind", str(device)), "backend": jax.default_backend(),
+            "num_devices": jax.device_count(), "jax_version": jax.__version__,
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+class Variant:
+    """One compiled forward (a model at a spec, or a PyTorch reference) and its timings."""
+
+    def __init__(self, label: str, call: Callable[[], Any], compile_s: float, gmacs: float,
+                 gflops_xla: float, spec: str, framework: str = "saitjax"):
+        self.label, self.call, self.compile_s = label, call, compile_s
+        self.gmacs, self.gflops_xla, self.spec, self.framework = gmacs, gflops_xla, spec, framework
+        self.times: list[float] = []
+
+    def time_once(self) -> None:
+        start = time.perf_counter()
+        self.call()
+        self.times.append(time.perf_counter() - start)
+
+
+def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[0])
+    start = time.perf_counter()
+    compiled = fn.lower(params, images).compile()
+    compile_s = time.perf_counter() - start
+    return Variant(spec.describe(), lambda: compiled(params, images).block_until_ready(), compile_s,
+                   analytic_gmacs(model, spec), xla_flops(compiled) / images.shape[0] / 1e9,
+                   spec.describe())
+
+
+def timm_variant(timm_name: str, images: np.ndarray) -> Variant:
+    """The same architecture in timm PyTorch, on the same inputs (NCHW), random weights."""
+    from saitjax.convert.timm_import import import_timm
+
+    torch, timm = import_timm()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = timm.create_model(timm_name, pretrained=False).eval()
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+    def call():
+        with torch.inference_mode():
+            model(x)
+
+    start = time.perf_counter()
+    call()  # first call (allocator warm-up) reported as "compile"
+    return Variant("timm-pytorch", call, time.perf_counter() - start, float("nan"), float("nan"),
+                   "dense", framework="timm-pytorch")
+
+
+def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, runs: int = 10,
+        warmup: int = 2, vs_timm: bool = False, params_path: str | None = None, seed: int = 0,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Benchmark ``model_name`` at every batch size; one row per (batch size, variant)."""
+    model = saitjax.create_model(model_name)
+    for spec in specs:
+        spec.check_depth(model.depth)
+    shape = (model.img_size, model.img_size, model.in_chans)
+    if params_path:
+        params = saitjax.load_params(params_path, model_name)
+    else:
+        params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1,) + shape))["params"]
+    env = _environment()
+    rows = []
+    for batch in batch_sizes:
+        images_np = np.random.default_rng(seed).normal(size=(batch,) + shape).astype(np.float32)
+        images = jax.device_put(images_np)
+        variants = [saitjax_variant(model, params, images, s) for s in specs]
+        if vs_timm:
+            timm_name = saitjax.model_entry(model_name).timm_name
+            if timm_name is None:
+                raise ValueError(f"{model_name} has no timm twin to compare with (--vs-timm)")
+            variants.append(timm_variant(timm_name, images_np))
+        for v in variants:
+            for _ in range(warmup):
+                v.call()
+        for _ in range(runs):
+            for v in variants:
+                v.time_once()
+        base = variants[0]
+        base_ms = statistics.median(base.times) * 1e3
+        for v in variants:
+            ms = statistics.median(v.times) * 1e3
+            row = {"model": model_name, "framework": v.framework, "batch_size": batch, "spec": v.spec,
+                   "img_per_s": batch / ms * 1e3, "ms_per_batch": ms, "compile_s": v.compile_s,
+                   "gmacs_analytic": v.gmacs, "gflops_xla": v.gflops_xla,
+                   "speedup_vs_first": base_ms / ms, "runs": runs, **env}
+            if v.framework == "saitjax":
+                row["flop_ratio_vs_first"] = v.gmacs / base.gmacs
+            rows.append(row)
+            log(_format_row(row))
+    return rows
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    flops = (f"{row['gmacs_analytic']:6.2f} GMACs  {row['gflops_xla']:6.2f} GFLOPs(XLA)"
+             if row["framework"] == "saitjax" else f"{'':34s}")
+    ratio = f"flop ratio {row['flop_ratio_vs_first']:.3f}" if "flop_ratio_vs_first" in row else ""
+    return (f"{row['framework']:12s} bs {row['batch_size']:3d}  {row['spec']:28s} "
+            f"{row['img_per_s']:8.1f} img/s {row['ms_per_batch']:9.1f} ms  compile {row['compile_s']:5.1f} s  "
+            f"{flops}  speedup {row['speedup_vs_first']:.2f}x  {ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m saitjax.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="registered model name")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated, e.g. 1,32")
+    parser.add_argument("--keep", action="append", default=[],
+                        help="sparse variant(s) to compare with dense: rho (0.7 = 0.7/0.49/0.343) or "
+                             "explicit ratios 0.7,0.49,0.343; repeat the flag for several")
+    parser.add_argument("--locations", default="3,6,9", help="prune before these blocks (0-based)")
+    parser.add_argument("--params", default=None, help="params .npz/.safetensors (default: random init)")
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--vs-timm", action="store_true", help="also time timm PyTorch (dense)")
+    parser.add_argument("--json", default=None, help="append one JSON object per row to this file")
+    args = parser.parse_args(argv)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+        locations = tuple(int(l) for l in args.locations.split(","))
+        specs = [SparsitySpec.dense()] + [parse_keep(k, locations) for k in args.keep]
+        print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs; "
+              f"{_environment()}")
+        rows = run(args.model, batch_sizes, specs, runs=args.runs, warmup=args.warmup,
+                   vs_timm=args.vs_timm, params_path=args.params)
+    except (SparsityError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"appended {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

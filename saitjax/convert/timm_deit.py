@@ -1,0 +1,140 @@
+"""PyTorch (timm / DeiT / DynamicViT-style) state dicts -> saitjax Linen params.
+
+The mapping is by rule, not by table: a model class lists regex renames from its PyTorch key
+names to its Linen module path (``blocks.3.attn.qkv`` -> ``blocks_3/attn/qkv``); the leaf is
+then matched against the model's own parameter tree, and the layout is fixed by what the leaf
+is: a Linen ``kernel`` of a Linear is the transposed PyTorch weight, a conv kernel is
+``(kh, kw, in, out)``, a LayerNorm ``weight`` becomes ``scale``. Anything left over -- unknown
+keys, missing parameters, mismatched shapes -- is reported together in one error.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from saitjax.models.vit import interpolate_pos_embed
+
+# Buffers and bookkeeping that carry no learned weights.
+IGNORED_KEYS = re.compile(r"(^|\.)(num_batches_tracked|relative_position_index|attn_mask)$")
+# Wrapper prefixes added by DataParallel / torch.compile / EMA helpers.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+BASE_RENAMES: tuple[tuple[str, str], ...] = ((r"^blocks\.(\d+)\.", r"blocks_\1."),)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the target model; the message lists every problem."""
+
+
+def expected_param_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat ``{path: shape}`` of the model's parameters, without allocating them."""
+    images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def strip_wrappers(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Remove ``module.``-style prefixes shared by every key."""
+    keys = list(state_dict)
+    for prefix in WRAPPER_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return strip_wrappers({k[len(prefix):]: v for k, v in state_dict.items()})
+    return dict(state_dict)
+
+
+def _renames(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    return tuple(getattr(type(model), "checkpoint_renames", ())) + BASE_RENAMES
+
+
+def _to_linen(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:  # Linear (out, in) -> (in, out)
+        return value.T
+    if leaf == "kernel" and value.ndim == 4:  # Conv (out, in, kh, kw) -> (kh, kw, in, out)
+        return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _target_leaf(parent: tuple[str, ...], leaf: str, expected: Mapping) -> str | None:
+    candidates = {"weight": ("kernel", "scale"), "bias": ("bias",)}.get(leaf, (leaf,))
+    for name in candidates:
+        if parent + (name,) in expected:
+            return name
+    return None
+
+
+def _describe(items: list[str], limit: int = 12) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model_name: str = "model",
+                       resize_pos_embed: bool = True, strict: bool = True) -> dict[str, Any]:
+    """Convert a PyTorch state dict (numpy arrays) into a nested Linen ``params`` dict.
+
+    ``resize_pos_embed`` interpolates position embeddings from another resolution. With
+    ``strict=False`` parameters absent from the checkpoint are simply left out (e.g. the new
+    modules of a sparse variant loading dense weights); unknown keys and shape mismatches always
+    raise.
+    """
+    expected = expected_param_shapes(model)
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    unknown, mismatched = [], []
+    for key, value in strip_wrappers(state_dict).items():
+        if IGNORED_KEYS.search(key):
+            continue
+        value = np.asarray(value)
+        name = key
+        for pattern, repl in _renames(model):
+            name = re.sub(pattern, repl, name)
+        *parent, leaf = name.split(".")
+        target = _target_leaf(tuple(parent), leaf, expected)
+        if target is None:
+            unknown.append(f"{key} {tuple(value.shape)}")
+            continue
+        path = tuple(parent) + (target,)
+        value = _to_linen(value, target)
+        want = expected[path]
+        if path == ("pos_embed",) and value.shape != want and resize_pos_embed and value.ndim == 3:
+            grid = int(round((want[1] - model.num_prefix_tokens) ** 0.5))
+            value = np.asarray(interpolate_pos_embed(jnp.asarray(value), model.num_prefix_tokens, grid))
+        if tuple(value.shape) != want:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {want} at {'/'.join(path)}")
+            continue
+        converted[path] = value.astype(np.float32) if value.dtype != np.float32 else value
+    missing = sorted("/".join(p) + f" {expected[p]}" for p in set(expected) - set(converted))
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es):{_describe(mismatched)}")
+    if unknown:
+        problems.append(f"{len(unknown)} checkpoint key(s) the model does not have:{_describe(unknown)}")
+    if missing and strict:
+        problems.append(f"{len(missing)} model parameter(s) missing from the checkpoint:{_describe(missing)}")
+    if problems:
+        raise ConversionError(
+            f"checkpoint does not fit {model_name}: " + "; ".join(problems)
+            + "\nIs it a checkpoint of another model? Pass the matching --model/model= name "
+              "(saitjax.list_models()), or num_classes=... if only the head differs.")
+    return traverse_util.unflatten_dict(converted)
+
+
+def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
+    """Name of a registered DeiT whose backbone shapes match ``state_dict``, if any."""
+    from saitjax.models.deit import DEIT_SIZES
+
+    sd = strip_wrappers(state_dict)
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        return None
+    width = int(np.shape(sd["cls_token"])[-1])
+    distilled = "dist_token" in sd
+    for size, (dim, _) in DEIT_SIZES.items():
+        if dim == width:
+            return f"deit_{size}{'_distilled' if distilled else ''}_patch16_224"
+    return None

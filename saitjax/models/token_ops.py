@@ -1,0 +1,195 @@
+"""Static-shape token operations shared by every sparsification method.
+
+Pure JAX, no Flax. Every size that reaches XLA is a Python int (``k``, ``capacity``) or a
+padded capacity with a validity mask, so a change of density changes which compiled function
+runs, never the shapes inside one.
+
+Layout conventions: tokens are ``[B, N, C]``; scores, masks and indices are ``[B, N]``;
+attention logits are ``[B, H, N, N]``. "Patch" tokens exclude the prefix tokens (CLS, and the
+distillation token of distilled DeiT), which are never pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_MAX_EXPONENT = 60.0  # exp(60) ~ 1e26: finite in float32 even when summed over many keys
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-k selection
+# ----------------------------------------------------------------------------------------------
+
+
+def topk_indices(scores: Array, k: int) -> Array:
+    """Indices ``[B, k]`` of the ``k`` largest scores per row, in descending score order."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k must be a Python int known at trace time, got {type(k).__name__}")
+    if not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k={k} must lie in [1, {scores.shape[-1]}] (the number of scored tokens)")
+    _, idx = jax.lax.top_k(scores, k)
+    return idx
+
+
+def batched_gather(x: Array, idx: Array) -> Array:
+    """Gather along axis 1 per batch row: ``x[b, idx[b, i], ...]``. Works for ``[B, N]`` and ``[B, N, C]``."""
+    expanded = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, expanded, axis=1)
+
+
+def scatter_to_grid(values: Array, idx: Array, num_patches: int, fill: float = 0.0) -> Array:
+    """Put per-token ``values [B, k, ...]`` back at their original patch positions.
+
+    Returns ``[B, num_patches, ...]`` holding ``fill`` where no token was scattered. Used to draw
+    kept-token maps and to recover a full feature map after pruning.
+    """
+    batch = values.shape[0]
+    out = jnp.full((batch, num_patches) + values.shape[2:], fill, dtype=values.dtype)
+    rows = jnp.arange(batch)[:, None]
+    return out.at[rows, idx].set(values)
+
+
+def indices_to_mask(idx: Array, num_patches: int, valid: Array | None = None) -> Array:
+    """0/1 float mask ``[B, num_patches]`` with ones at ``idx`` (only where ``valid``, if given)."""
+    ones = jnp.ones(idx.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return scatter_to_grid(ones, idx, num_patches, 0.0)
+
+
+def select_tokens(x: Array, idx: Array, num_prefix: int) -> Array:
+    """Keep the prefix tokens and the patch tokens at ``idx``: ``[B, num_prefix + k, C]``."""
+    kept = batched_gather(x[:, num_prefix:], idx)
+    return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keep-mask attention
+# ----------------------------------------------------------------------------------------------
+
+
+def visible_keys(keep: Array) -> Array:
+    """Visibility ``G[b, i, j] = keep[b, j] + (1 - keep[b, j]) * [i == j]`` as ``[B, 1, N, N]``.
+
+    A pruned key is invisible to every other query, but each token still sees itself, so no row
+    of the attention matrix is ever empty (pruned rows stay well defined).
+    """
+    n = keep.shape[-1]
+    eye = jnp.eye(n, dtype=keep.dtype)
+    g = keep[:, None, :] + (1.0 - keep[:, None, :]) * eye[None]
+    return g[:, None]
+
+
+def masked_softmax(logits: Array, keep: Array | None, eps: float = 0.0) -> Array:
+    """Softmax over keys where pruned keys are invisible (see :func:`visible_keys`).
+
+    Multiplicative form ``G * exp(S - m) / sum(G * exp(S - m))`` so gradients flow into a
+    straight-through ``keep`` (DynamicViT's predictors learn through this path). ``m`` is the
+    maximum over visible keys only, so masked logits can never underflow the visible ones; for a
+    0/1 ``keep`` the result equals a softmax restricted to the visible keys. ``eps > 0`` adds
+    DynamicViT's smoothing ``(E + eps/N) / (sum E + eps)``. Computed in float32.
+    """
+    logits = logits.astype(jnp.float32)
+    if keep is None:
+        return jax.nn.softmax(logits, axis=-1)
+    g = visible_keys(keep.astype(jnp.float32))
+    m = jnp.max(jnp.where(g > 0, logits, -jnp.inf), axis=-1, keepdims=True)
+    # Invisible keys may exceed m; clipping their exponent keeps exp finite (inf * 0 = nan) while
+    # leaving every visible entry, and the gradient w.r.t. keep in all sane cases, exact.
+    e = jnp.exp(jnp.minimum(logits - jax.lax.stop_gradient(m), _MAX_EXPONENT)) * g
+    n = logits.shape[-1]
+    return (e + eps / n) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Straight-through estimators
+# ----------------------------------------------------------------------------------------------
+
+
+def straight_through(hard: Array, soft: Array) -> Array:
+    """Forward value ``hard``, gradient of ``soft``."""
+    return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def gumbel_softmax_hard(rng: Array, logits: Array, tau: float = 1.0) -> Array:
+    """Hard Gumbel-softmax over the last axis with straight-through gradients (DynamicViT)."""
+    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+    soft = jax.nn.softmax((logits.astype(jnp.float32) + gumbel) / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return straight_through(hard, soft)
+
+
+def sigmoid_threshold_hard(scores: Array, threshold: Array | float, tau: float = 1e-4) -> Array:
+    """Hard ``[scores > threshold]`` with the gradient of ``sigmoid((s - t) / tau)`` (AS-ViT)."""
+    soft = jax.nn.sigmoid((scores.astype(jnp.float32) - threshold) / tau)
+    hard = (soft > 0.5).astype(soft.dtype)
+    return straight_through(hard, soft)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image adaptive counts: rules, capacities and buckets
+# ----------------------------------------------------------------------------------------------
+
+
+def mass_keep_counts(scores: Array, mass: float) -> Array:
+    """Per-row size of the smallest top-scored set whose score sum reaches ``mass`` of the total.
+
+    ``scores [B, N]`` are non-negative (e.g. CLS attention) and are renormalised per row.
+    ``mass >= 1`` keeps all ``N`` tokens by definition: the dense model.
+    """
+    if mass >= 1.0:
+        return jnp.full(scores.shape[:1], scores.shape[-1], jnp.int32)
+    probs = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-12)
+    sorted_desc = -jnp.sort(-probs, axis=-1)
+    before = jnp.cumsum(sorted_desc, axis=-1) - sorted_desc  # mass of the tokens ranked above
+    # a token is needed while the mass before it is still short of the target
+    return jnp.sum(before < mass, axis=-1).astype(jnp.int32)
+
+
+def value_keep_counts(scores: Array, threshold: float) -> Array:
+    """Per-row number of tokens whose renormalised score is at least ``threshold / N``."""
+    n = scores.shape[-1]
+    probs = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-12)
+    return jnp.sum(probs >= threshold / n, axis=-1).astype(jnp.int32)
+
+
+def capacity_select(scores: Array, counts: Array, capacity: int) -> tuple[Array, Array]:
+    """Top-``capacity`` indices per row plus a validity mask ``rank < count`` (both ``[B, capacity]``).
+
+    Static shape ``capacity`` with a per-image number of valid tokens: attention treats invalid
+    slots as pruned keys, so each image behaves as if it kept exactly ``counts[b]`` tokens.
+    """
+    idx = topk_indices(scores, capacity)
+    valid = jnp.arange(capacity)[None, :] < counts[:, None]
+    return idx, valid
+
+
+def choose_bucket(counts: Array, capacities: Sequence[int]) -> Array:
+    """Index of the smallest capacity that holds the largest count in the batch (int32 scalar).
+
+    ``capacities`` is increasing; counts above the last one map to the last bucket (it should be
+    the full token count). Feed the result to ``jax.lax.switch``.
+    """
+    caps = jnp.asarray(capacities, jnp.int32)
+    need = jnp.max(counts)
+    return jnp.minimum(jnp.searchsorted(caps, need, side="left"), len(capacities) - 1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# EViT: fuse the inattentive tokens into one
+# ----------------------------------------------------------------------------------------------
+
+
+def fuse_inattentive(patches: Array, weights: Array, keep_idx: Array) -> Array:
+    """EViT's fused token ``sum_{j dropped} a_j x_j`` as ``[B, 1, C]``.
+
+    ``weights [B, N]`` are the raw class-attention values (not renormalised, as in EViT). Computed
+    as the full weighted sum minus the kept part, so no complement gather is needed.
+    """
+    w = weights.astype(patches.dtype)
+    total = jnp.einsum("bn,bnc->bc", w, patches)
+    kept = jnp.einsum("bk,bkc->bc", batched_gather(w, keep_idx), batched_gather(patches, keep_idx))
+    return (total - kept)[:, None, :]

@@ -1,0 +1,220 @@
+"""Static, hashable descriptions of "how sparse" a forward pass is.
+
+A :class:`SparsitySpec` is the one vocabulary that every model, the trainer, the evaluator and
+the benchmark speak. It is a frozen dataclass of Python scalars and tuples, so it can be a
+static argument of ``jax.jit``: changing the density at inference means passing another spec,
+which selects another cached compiled function and never changes shapes inside one.
+
+Ratios are always fractions of the *original* number of patch tokens (196 for DeiT at 224 px),
+so DynamicViT's schedule at rho = 0.7 is ``keep_ratios=(0.7, 0.49, 0.343)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Sequence
+
+KEEP_RULES = ("topk", "mass", "value", "skip")
+MODES = ("gather", "mask")
+DEFAULT_LOCATIONS = (3, 6, 9)
+
+# Guard against 196 * 0.7 ** 2 = 96.03999... style rounding turning into an off-by-one.
+_FLOOR_EPS = 1e-9
+
+
+class SparsityError(ValueError):
+    """A sparsity spec that cannot be built or does not fit the model."""
+
+
+def _as_tuple(values: Iterable, kind: type, field: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise SparsityError(f"{field} must be a sequence of {kind.__name__}, got {values!r}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySpec:
+    """Where tokens are pruned, how many survive, and how the pruned set is represented.
+
+    Attributes:
+      locations: prune *before* these blocks (0-based, strictly increasing).
+      keep_ratios: for the ``topk`` rule, the fraction of the original patch tokens kept after
+        each stage (one per location, non-increasing, in (0, 1]).
+      rule: ``topk`` (fixed count per stage), ``mass`` (per image, smallest set holding
+        ``threshold`` of the score mass), ``value`` (per image, tokens with normalised score
+        >= ``threshold`` / N) or ``skip`` (no pruning: the dense model).
+      threshold: parameter of the ``mass`` and ``value`` rules.
+      min_keep, max_keep: per-image counts of adaptive rules are clamped to
+        ``[ceil(min_keep * N), floor(max_keep * N)]``.
+      buckets: capacities (fractions of N) that adaptive counts are padded to; one compiled
+        branch per bucket. Increasing; empty means the single bucket 1.0.
+      mode: ``gather`` shortens the sequence (real savings); ``mask`` keeps every token and hides
+        the pruned ones from attention (training, and the equivalence check of the two).
+    """
+
+    locations: tuple[int, ...] = ()
+    keep_ratios: tuple[float, ...] = ()
+    rule: str = "topk"
+    threshold: float | None = None
+    min_keep: float = 0.0
+    max_keep: float = 1.0
+    buckets: tuple[float, ...] = ()
+    mode: str = "gather"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("locations", _as_tuple(self.locations, int, "locations"))
+        set_("keep_ratios", _as_tuple(self.keep_ratios, float, "keep_ratios"))
+        set_("buckets", _as_tuple(self.buckets, float, "buckets"))
+        if self.threshold is not None:
+            set_("threshold", float(self.threshold))
+        self._validate()
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        if self.rule not in KEEP_RULES:
+            raise SparsityError(f"unknown keep rule {self.rule!r}; choose one of {KEEP_RULES}")
+        if self.mode not in MODES:
+            raise SparsityError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        locs = self.locations
+        if any(l < 0 for l in locs) or any(b <= a for a, b in zip(locs, locs[1:])):
+            raise SparsityError(f"locations must be non-negative and strictly increasing, got {locs}")
+        for r in self.keep_ratios + (self.max_keep,):
+            if not 0.0 < r <= 1.0:
+                raise SparsityError(
+                    f"keep ratio {r} is outside (0, 1]: a ratio is the fraction of patch tokens kept, "
+                    "e.g. 0.7 keeps 70 %; use rule='skip' (or SparsitySpec.dense()) for no pruning")
+        if not 0.0 <= self.min_keep <= self.max_keep:
+            raise SparsityError(f"min_keep={self.min_keep} must lie in [0, max_keep={self.max_keep}]")
+        if self.rule == "topk":
+            if len(self.keep_ratios) != len(locs):
+                raise SparsityError(
+                    f"topk needs one keep ratio per location: {len(locs)} locations {locs} but "
+                    f"{len(self.keep_ratios)} keep_ratios {self.keep_ratios}")
+            if any(b > a for a, b in zip(self.keep_ratios, self.keep_ratios[1:])):
+                raise SparsityError(
+                    f"keep_ratios must be non-increasing (a pruned token stays pruned), got {self.keep_ratios}")
+        elif self.keep_ratios:
+            raise SparsityError(f"keep_ratios apply to rule='topk' only, not {self.rule!r}")
+        if self.rule in ("mass", "value"):
+            if not locs:
+                raise SparsityError(f"rule {self.rule!r} needs at least one pruning location")
+            if self.threshold is None:
+                raise SparsityError(f"rule {self.rule!r} needs a threshold (mass m or value theta)")
+            if self.rule == "mass" and not 0.0 < self.threshold <= 1.0:
+                raise SparsityError(f"mass threshold {self.threshold} is outside (0, 1]")
+            if self.rule == "value" and not self.threshold > 0.0:
+                raise SparsityError(f"value threshold {self.threshold} must be positive")
+        elif self.threshold is not None:
+            raise SparsityError(f"threshold applies to rules 'mass' and 'value', not {self.rule!r}")
+        b = self.buckets
+        if any(not 0.0 < x <= 1.0 for x in b) or any(y <= x for x, y in zip(b, b[1:])):
+            raise SparsityError(f"buckets must be strictly increasing fractions in (0, 1], got {b}")
+
+    def check_depth(self, depth: int) -> None:
+        """Raise if a pruning location does not exist in a model of ``depth`` blocks."""
+        bad = [l for l in self.locations if l >= depth or l == 0]
+        if bad and not self.is_dense:
+            raise SparsityError(
+                f"pruning locations {bad} do not fit a {depth}-block model: prune before blocks "
+                f"1..{depth - 1} (block 0 has no attention yet to score tokens with)")
+
+    # -- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def dense(cls) -> "SparsitySpec":
+        """No pruning: bit-identical to the dense backbone."""
+        return cls(rule="skip")
+
+    @classmethod
+    def topk(cls, keep_ratios: Sequence[float], locations: Sequence[int] = DEFAULT_LOCATIONS,
+             mode: str = "gather") -> "SparsitySpec":
+        """Fixed keep ratios per stage (fractions of the original patch tokens)."""
+        return cls(locations=tuple(locations), keep_ratios=tuple(keep_ratios), mode=mode)
+
+    @classmethod
+    def hierarchical(cls, rho: float, locations: Sequence[int] = DEFAULT_LOCATIONS,
+                     mode: str = "gather") -> "SparsitySpec":
+        """DynamicViT's schedule: keep rho, rho^2, rho^3, ... of the original tokens."""
+        if not 0.0 < rho <= 1.0:
+            raise SparsityError(f"keep ratio rho={rho} is outside (0, 1]")
+        ratios = tuple(rho ** (s + 1) for s in range(len(locations)))
+        return cls.topk(ratios, locations, mode)
+
+    @classmethod
+    def adaptive(cls, rule: str, threshold: float, locations: Sequence[int] = (3,),
+                 min_keep: float = 0.0, max_keep: float = 1.0,
+                 buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0),
+                 mode: str = "gather") -> "SparsitySpec":
+        """Per-image counts (SaiT ``mass``/``value``) served by capacity buckets."""
+        return cls(locations=tuple(locations), rule=rule, threshold=threshold, min_keep=min_keep,
+                   max_keep=max_keep, buckets=tuple(buckets), mode=mode)
+
+    def with_mode(self, mode: str) -> "SparsitySpec":
+        return dataclasses.replace(self, mode=mode)
+
+    # -- static sizes ----------------------------------------------------------------------------
+
+    @property
+    def is_dense(self) -> bool:
+        return self.rule == "skip" or not self.locations or (
+            self.rule == "topk" and all(r == 1.0 for r in self.keep_ratios))
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.rule in ("mass", "value")
+
+    def keep_counts(self, num_patches: int) -> tuple[int, ...]:
+        """Static patch-token counts after each stage of a ``topk`` spec (at least 1)."""
+        if self.rule != "topk":
+            raise SparsityError(f"rule {self.rule!r} has per-image counts; use bucket_capacities()")
+        return tuple(max(1, math.floor(num_patches * r + _FLOOR_EPS)) for r in self.keep_ratios)
+
+    def count_bounds(self, num_patches: int) -> tuple[int, int]:
+        """Clamp range ``[K_min, K_max]`` of per-image counts of an adaptive rule."""
+        lo = max(1, math.ceil(num_patches * self.min_keep - _FLOOR_EPS))
+        hi = max(lo, math.floor(num_patches * self.max_keep + _FLOOR_EPS))
+        return lo, hi
+
+    def bucket_capacities(self, num_patches: int, multiple: int = 8) -> tuple[int, ...]:
+        """Static capacities (token counts) of the buckets, rounded up to ``multiple``.
+
+        The last capacity is always large enough for ``K_max``, so every image fits a bucket.
+        """
+        fractions = self.buckets or (1.0,)
+        _, hi = self.count_bounds(num_patches)
+        caps = []
+        for f in fractions:
+            cap = min(num_patches, multiple * math.ceil(num_patches * f / multiple - _FLOOR_EPS))
+            if cap not in caps:
+                caps.append(cap)
+        if caps[-1] < hi:
+            caps.append(hi)
+        return tuple(caps)
+
+    def describe(self) -> str:
+        """Short human-readable label for tables and logs."""
+        if self.is_dense:
+            return "dense"
+        locs = "/".join(str(l) for l in self.locations)
+        if self.rule == "topk":
+            return f"topk {'/'.join(f'{r:.3g}' for r in self.keep_ratios)} @ {locs}"
+        return f"{self.rule} {self.threshold:g} @ {locs}"
+
+
+def parse_keep(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS) -> SparsitySpec:
+    """Parse a CLI value: ``1`` (dense), ``0.7`` (rho, rho^2, rho^3) or ``0.7,0.49,0.343``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise SparsityError(f"cannot parse keep ratios {text!r}: expected e.g. 0.7 or 0.7,0.49,0.343") from err
+    if not values:
+        raise SparsityError("empty keep ratio")
+    if len(values) == 1:
+        if values[0] == 1.0:
+            return SparsitySpec.dense()
+        return SparsitySpec.hierarchical(values[0], locations)
+    return SparsitySpec.topk(values, locations)

@@ -1,0 +1,31 @@
+"""Benchmark CLI: rows, JSON output, and errors (speed itself is measured, not tested)."""
+
+from __future__ import annotations
+
+import json
+
+from saitjax import benchmark
+
+
+def test_cli_writes_one_json_row_per_measurement(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    code = benchmark.main(["--model", "vit_test_patch4_32", "--batch-sizes", "1,4", "--keep", "0.5",
+                           "--locations", "1,2,3", "--runs", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4
+    required = {"model", "batch_size", "spec", "img_per_s", "ms_per_batch", "compile_s",
+                "gmacs_analytic", "gflops_xla"}
+    assert all(required <= set(r) for r in rows)
+    dense, sparse = rows[2], rows[3]
+    assert dense["spec"] == "dense" and sparse["spec"].startswith("topk 0.5/0.25/0.125")
+    assert sparse["flop_ratio_vs_first"] < 0.6 and dense["img_per_s"] > 0
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_input(capsys):
+    assert benchmark.main(["--model", "vit_test_patch4_32", "--keep", "1.5"]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert benchmark.main(["--model", "no_such_model", "--batch-sizes", "1"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert benchmark.main(["--model", "vit_test_patch4_32", "--batch-sizes", "0"]) == 2
