@@ -141,7 +141,7 @@ class SparsitySpec:
         """DynamicViT's schedule: keep rho, rho^2, rho^3, ... of the original tokens."""
         if not 0.0 < rho <= 1.0:
             raise SparsityError(f"keep ratio rho={rho} is outside (0, 1]")
-        ratios = tuple(rho ** (s + 1) for s in range(len(locations)))
+        ratios = tuple(round(rho ** (s + 1), 10) for s in range(len(locations)))
         return cls.topk(ratios, locations, mode)
 
     @classmethod
@@ -196,13 +196,50 @@ class SparsitySpec:
         return tuple(caps)
 
     def describe(self) -> str:
-        """Short human-readable label for tables and logs."""
+        """Canonical density string, e.g. ``topk:0.7/0.49/0.343@3/6/9``; :func:`parse_density` reads it back."""
         if self.is_dense:
             return "dense"
         locs = "/".join(str(l) for l in self.locations)
         if self.rule == "topk":
-            return f"topk {'/'.join(f'{r:.3g}' for r in self.keep_ratios)} @ {locs}"
-        return f"{self.rule} {self.threshold:g} @ {locs}"
+            return f"topk:{'/'.join(f'{r:.6g}' for r in self.keep_ratios)}@{locs}"
+        extra = ""
+        if (self.min_keep, self.max_keep) != (0.0, 1.0):
+            extra += f"[{self.min_keep:g}-{self.max_keep:g}]"
+        return f"{self.rule}:{self.threshold:g}{extra}@{locs}"
+
+
+def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
+                  buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)) -> SparsitySpec:
+    """Parse a density string as used in configs and CLIs.
+
+    ``dense``; ``topk:0.7`` (rho, rho^2, ... at ``locations``); ``topk:0.7/0.5/0.3@3/6/9``;
+    ``mass:0.9@3``; ``value:1.0[0.1-0.9]@3`` (optional ``[min_keep-max_keep]`` clamp).
+    """
+    text = text.strip()
+    if text in ("dense", "skip"):
+        return SparsitySpec.dense()
+    rule, sep, rest = text.partition(":")
+    if not sep or rule not in KEEP_RULES:
+        raise SparsityError(f"cannot parse density {text!r}: expected 'dense', 'topk:0.7', "
+                            "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3' or 'value:1.0@3'")
+    param, _, locs_text = rest.partition("@")
+    try:
+        locs = tuple(int(l) for l in locs_text.split("/")) if locs_text else tuple(locations)
+        clamp = (0.0, 1.0)
+        if "[" in param:
+            param, _, bounds = param.partition("[")
+            clamp = tuple(float(b) for b in bounds.rstrip("]").split("-"))
+        values = [float(v) for v in param.split("/")]
+    except ValueError as err:
+        raise SparsityError(f"cannot parse density {text!r}: {err}") from None
+    if rule == "topk":
+        if len(values) == 1:
+            return SparsitySpec.hierarchical(values[0], locs)
+        return SparsitySpec.topk(values, locs)
+    if len(values) != 1:
+        raise SparsityError(f"density {text!r}: rule {rule!r} takes one threshold")
+    return SparsitySpec.adaptive(rule, values[0], locs, min_keep=clamp[0], max_keep=clamp[1],
+                                 buckets=buckets)
 
 
 def parse_keep(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS) -> SparsitySpec:

@@ -18,7 +18,7 @@ def test_cli_writes_one_json_row_per_measurement(tmp_path, capsys):
                 "gmacs_analytic", "gflops_xla"}
     assert all(required <= set(r) for r in rows)
     dense, sparse = rows[2], rows[3]
-    assert dense["spec"] == "dense" and sparse["spec"].startswith("topk 0.5/0.25/0.125")
+    assert dense["spec"] == "dense" and sparse["spec"] == "topk:0.5/0.25/0.125@1/2/3"
     assert sparse["flop_ratio_vs_first"] < 0.6 and dense["img_per_s"] > 0
     assert "speedup" in capsys.readouterr().out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -85,18 +86,22 @@ def read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_params(path: str, model: str | None = None, *, strict: bool = True,
-                **model_overrides: Any) -> dict[str, Any]:
+                skip_mismatched: str | None = None, **model_overrides: Any) -> dict[str, Any]:
     """Params ready for ``create_model(model).apply({"params": params}, images)``.
 
     Accepts a saitjax ``.npz`` or a timm/DeiT checkpoint (``.safetensors``, ``.pth``). ``model``
     defaults to the name recorded in the ``.npz`` (or guessed from a DeiT checkpoint's shapes);
     the params are checked against that model and any mismatch raises a ConversionError that
-    lists it. ``model_overrides`` (e.g. ``img_size=384``) build the target model.
+    lists it. ``model_overrides`` (e.g. ``img_size=384``) build the target model. Parameters at
+    paths matching the regex ``skip_mismatched`` are left out when their shapes differ (a new
+    classifier head when fine-tuning to another label set).
     """
-    return load_params_and_name(path, model, strict=strict, **model_overrides)[0]
+    return load_params_and_name(path, model, strict=strict, skip_mismatched=skip_mismatched,
+                                **model_overrides)[0]
 
 
 def load_params_and_name(path: str, model: str | None = None, *, strict: bool = True,
+                         skip_mismatched: str | None = None,
                          **model_overrides: Any) -> tuple[dict[str, Any], str]:
     """Like :func:`load_params`, also returning the model name the params were checked against."""
     from saitjax.models import create_model
@@ -109,16 +114,18 @@ def load_params_and_name(path: str, model: str | None = None, *, strict: bool = 
         if name is None:
             raise ConversionError(f"{path} records no model name; pass model=...")
         target = create_model(name, **model_overrides)
-        return _check_npz(params, expected_param_shapes(target), name, strict, target), name
+        return _check_npz(params, expected_param_shapes(target), name, strict, target,
+                          skip_mismatched), name
     state_dict = read_state_dict(path)
     name = model or guess_model_name(state_dict)
     if name is None:
         raise ConversionError(f"cannot tell which model {path} belongs to; pass model=...")
     target = create_model(name, **model_overrides)
-    return convert_state_dict(state_dict, target, model_name=name, strict=strict), name
+    return convert_state_dict(state_dict, target, model_name=name, strict=strict,
+                              skip_mismatched=skip_mismatched), name
 
 
-def _check_npz(params, expected, name, strict, model) -> dict[str, Any]:
+def _check_npz(params, expected, name, strict, model, skip_mismatched=None) -> dict[str, Any]:
     flat = traverse_util.flatten_dict(params)
     problems = []
     for path, value in list(flat.items()):
@@ -130,9 +137,13 @@ def _check_npz(params, expected, name, strict, model) -> dict[str, Any]:
                 grid = int(round((want[1] - model.num_prefix_tokens) ** 0.5))
                 flat[path] = np.asarray(interpolate_pos_embed(value, model.num_prefix_tokens, grid))
                 continue
+            if skip_mismatched and re.search(skip_mismatched, "/".join(path)):
+                del flat[path]
+                continue
             problems.append(f"{'/'.join(path)}: file {value.shape} vs model {want}")
     if strict:
-        problems += [f"missing parameter {'/'.join(p)} {s}" for p, s in expected.items() if p not in flat]
+        problems += [f"missing parameter {'/'.join(p)} {s}" for p, s in expected.items()
+                     if p not in flat and not (skip_mismatched and re.search(skip_mismatched, "/".join(p)))]
     if problems:
         raise ConversionError(f"params do not fit {name} ({len(problems)} problem(s)):\n    "
                               + "\n    ".join(problems[:12])

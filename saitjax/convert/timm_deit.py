@@ -76,13 +76,15 @@ def _describe(items: list[str], limit: int = 12) -> str:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model_name: str = "model",
-                       resize_pos_embed: bool = True, strict: bool = True) -> dict[str, Any]:
+                       resize_pos_embed: bool = True, strict: bool = True,
+                       skip_mismatched: str | None = None) -> dict[str, Any]:
     """Convert a PyTorch state dict (numpy arrays) into a nested Linen ``params`` dict.
 
     ``resize_pos_embed`` interpolates position embeddings from another resolution. With
     ``strict=False`` parameters absent from the checkpoint are simply left out (e.g. the new
     modules of a sparse variant loading dense weights); unknown keys and shape mismatches always
-    raise.
+    raise, except mismatches at paths matching the regex ``skip_mismatched`` (e.g. ``^head/``
+    when fine-tuning to another number of classes), which are left out.
     """
     expected = expected_param_shapes(model)
     converted: dict[tuple[str, ...], np.ndarray] = {}
@@ -106,10 +108,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
             grid = int(round((want[1] - model.num_prefix_tokens) ** 0.5))
             value = np.asarray(interpolate_pos_embed(jnp.asarray(value), model.num_prefix_tokens, grid))
         if tuple(value.shape) != want:
+            if skip_mismatched and re.search(skip_mismatched, "/".join(path)):
+                continue
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {want} at {'/'.join(path)}")
             continue
         converted[path] = value.astype(np.float32) if value.dtype != np.float32 else value
-    missing = sorted("/".join(p) + f" {expected[p]}" for p in set(expected) - set(converted))
+    missing = sorted("/".join(p) + f" {expected[p]}" for p in set(expected) - set(converted)
+                     if not (skip_mismatched and re.search(skip_mismatched, "/".join(p))))
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es):{_describe(mismatched)}")

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from saitjax.data import preprocess as _preprocess  # noqa: F401  (imports TF, hides its GPUs)
 
 import tensorflow_datasets as tfds  # noqa: E402
-from saitjax.data.patch_masks import patch_mask, patch_masks  # noqa: F401  (re-exported)
+from saitjax.data.object_masks import patch_mask, patch_masks  # noqa: F401  (re-exported)
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "ring", "crescent", "hourglass")
 SPLIT_IDS = {"train": 0, "test": 1}

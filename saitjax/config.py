@@ -1,0 +1,141 @@
+"""Training configs: shared defaults, typed ``key=value`` arguments, and validation.
+
+A config file in ``configs/`` defines ``get_config(arg)``; it starts from :func:`base_config`,
+sets what its recipe changes, and ends with :func:`finalize` (validate + lock). Every field is
+checked with a message that names the field and the fix, before anything touches the workdir.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+import ml_collections
+
+from saitjax.sparsity import SparsityError, parse_density
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every recipe (the DeiT fine-tuning recipe where one applies)."""
+    c = ml_collections.ConfigDict()
+    c.model = "deit_small_patch16_224"
+    c.model_kwargs = ml_collections.ConfigDict({"num_classes": 1000, "drop_path_rate": 0.1})
+    c.method = "dense"
+    c.method_kwargs = ml_collections.ConfigDict()
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="imagenet2012", data_dir="", manual_dir="", train_split="train",
+        eval_split="validation", image_size=224, crop_scale=(0.08, 1.0), hflip=True,
+        randaugment="rand-m9-mstd0.5", crop_pct=0.875, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), shuffle_buffer=10_000, cache=False))
+    c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                                             label_smoothing=0.1, prob=1.0))
+    c.batch_size = 1024  # global, over all devices and processes
+    # Durations: give steps (> 0) or epochs (> 0); steps win when both are set.
+    c.train_steps = -1
+    c.train_epochs = 30.0
+    c.optim = ml_collections.ConfigDict(dict(
+        lr_per_512=5e-4, lr=-1.0, min_lr=1e-6, warmup_steps=-1, warmup_epochs=5.0,
+        weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0,
+        frozen=(), lr_multipliers=(), frozen_until_epoch=()))
+    c.eval = ml_collections.ConfigDict(dict(every_steps=1000, batch_size=256, densities=("dense",),
+                                            keep_mask=False))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
+    c.log_every_steps = 50
+    c.seed = 0
+    c.init = ""     # pretrained params (.npz / .safetensors / .pth) to start from
+    c.teacher = ""  # frozen teacher for distillation: "" (none), "init" (= config.init) or a path
+    c.plot = True
+    return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """``"epochs=30,model=deit_tiny_patch16_224"`` -> typed values, defaults for the rest."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} is not key=value (valid keys: {sorted(defaults)})")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config argument {key!r}.{hint} Valid keys: {sorted(defaults)}")
+        out[key] = _cast(value, defaults[key], key)
+    return out
+
+
+def _cast(value: str, default: Any, key: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"config argument {key}={value!r} is not a {type(default).__name__}") from None
+    return value
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid config: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check every field; raise ValueError naming the field and the fix."""
+    from saitjax.methods import METHODS
+    from saitjax.models import create_model
+
+    try:
+        model = create_model(c.model, **dict(c.model_kwargs))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"invalid config: model / model_kwargs: {err}") from None
+    _require(c.method in METHODS, f"method={c.method!r} is unknown; choose one of {sorted(METHODS)}")
+    _require(c.data.image_size == model.img_size,
+             f"data.image_size={c.data.image_size} but {c.model} takes {model.img_size} px; set "
+             f"model_kwargs.img_size={c.data.image_size} to interpolate position embeddings")
+    _require(bool(c.data.name), "data.name is empty: a TFDS name or imagefolder:/path")
+    _require(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
+    _require(c.train_steps > 0 or c.train_epochs > 0, "set train_steps > 0 or train_epochs > 0")
+    o = c.optim
+    _require(o.lr > 0 or o.lr_per_512 > 0, "optim.lr or optim.lr_per_512 must be positive")
+    _require(o.min_lr >= 0 and o.weight_decay >= 0, "optim.min_lr and optim.weight_decay must be >= 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must lie in [0, 1)")
+    _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm must be >= 0 (0 = off)")
+    m = c.mixup
+    _require(min(m.mixup_alpha, m.cutmix_alpha) >= 0, "mixup alphas must be >= 0 (0 = off)")
+    _require(0 <= m.label_smoothing < 1 and 0 <= m.prob <= 1 and 0 <= m.switch_prob <= 1,
+             "mixup.label_smoothing must lie in [0, 1), mixup.prob and switch_prob in [0, 1]")
+    lo, hi = c.data.crop_scale
+    _require(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+    _require(0 < c.data.crop_pct <= 1, f"data.crop_pct={c.data.crop_pct} must lie in (0, 1]")
+    _require(c.eval.batch_size > 0 and c.eval.every_steps > 0, "eval.batch_size and eval.every_steps must be positive")
+    _require(c.checkpoint.every_steps > 0 and c.checkpoint.max_to_keep > 0,
+             "checkpoint.every_steps and checkpoint.max_to_keep must be positive")
+    _require(c.log_every_steps > 0, "log_every_steps must be positive")
+    _require(c.teacher in ("", "init") or c.teacher.endswith((".npz", ".safetensors", ".pth", ".pt")),
+             f"teacher={c.teacher!r}: use '', 'init' or a params file")
+    _require(c.teacher != "init" or bool(c.init), "teacher='init' needs config.init (the weights to copy)")
+    for text in c.eval.densities:
+        try:
+            parse_density(text).check_depth(model.depth)
+        except SparsityError as err:
+            raise ValueError(f"invalid config: eval.densities entry {text!r}: {err}") from None
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validate, then lock: assigning a misspelt field afterwards raises."""
+    validate(c)
+    c.lock()
+    return c
+
+
+def to_dict(c: ml_collections.ConfigDict | Mapping) -> dict:
+    """Plain JSON-able dict (tuples -> lists) for ``config.json`` and checkpoint metadata."""
+    if isinstance(c, ml_collections.ConfigDict):
+        c = c.to_dict()
+    return {k: to_dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v
+            for k, v in c.items()}

@@ -1,0 +1,59 @@
+"""Command line: train (default) or evaluate a config in a workdir.
+
+    python -m saitjax.main --config configs/demo.py --workdir /tmp/demo
+    python -m saitjax.main --config configs/deit_small_imagenet.py:epochs=30 --workdir DIR \
+        --config.batch_size=512 --config.data.manual_dir=/data/imagenet
+    python -m saitjax.main --config configs/demo.py --workdir /tmp/demo --mode eval
+
+The same command runs on one machine or on every host of a TPU slice / GPU cluster
+(``--distributed``, or auto-detected from SLURM/Open MPI/TPU environment variables).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py:arg",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate only")
+_DISTRIBUTED = flags.DEFINE_boolean("distributed", None,
+                                    "call jax.distributed.initialize() (default: auto-detect)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from saitjax import parallel
+
+    parallel.initialize_distributed(_DISTRIBUTED.value)  # before any other JAX call
+    logging.getLogger().setLevel(logging.INFO)
+    from saitjax import train
+
+    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    try:
+        if _MODE.value == "eval":
+            results = train.evaluate_checkpoint(config, workdir)
+        else:
+            results = train.train_and_evaluate(config, workdir)["eval"]
+    except (ValueError, FileNotFoundError, train.NonFiniteLossError,
+            train.CheckpointMismatchError) as err:
+        logging.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"workdir": workdir, "eval": results}, indent=2))
+    return 0
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

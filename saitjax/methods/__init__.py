@@ -1,0 +1,18 @@
+"""Training methods, by config name."""
+
+from saitjax.methods.base import Method
+
+METHODS: dict[str, type[Method]] = {"dense": Method}
+
+
+def build_method(config, model) -> Method:
+    """The method named by ``config.method`` for ``model``."""
+    try:
+        cls = METHODS[config.method]
+    except KeyError:
+        raise ValueError(f"invalid config: method={config.method!r} is unknown; choose one of "
+                         f"{sorted(METHODS)}") from None
+    return cls(config, model)
+
+
+__all__ = ["METHODS", "Method", "build_method"]

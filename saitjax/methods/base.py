@@ -1,0 +1,78 @@
+"""What a training method plugs into the method-agnostic trainer.
+
+A method owns (1) its loss terms, computed from the model's ``(logits, aux)`` and an optional
+frozen teacher, and (2) the sparsity of each step, chosen on the host from (seed, step) so that
+every process agrees and the spec stays a static argument of the jitted step. The trainer owns
+everything else: data, mixup, optimizer, sharding, checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from saitjax import losses
+from saitjax.sparsity import SparsitySpec, parse_density
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+class Method:
+    """Supervised training of the (dense) model, with optional logit distillation."""
+
+    name = "dense"
+    # Fields a config may set under ``method_kwargs``, with their defaults.
+    defaults: dict[str, Any] = {"distill_weight": 0.0, "distill_temperature": 1.0}
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any):
+        self.config = config
+        self.model = model
+        unknown = set(config.method_kwargs) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"invalid config: method_kwargs {sorted(unknown)} are not fields of method "
+                             f"{self.name!r}; valid: {sorted(self.defaults)}")
+        self.kw = {**self.defaults, **dict(config.method_kwargs)}
+        self.validate()
+
+    def validate(self) -> None:
+        if self.kw["distill_weight"] > 0 and not self.config.teacher:
+            raise ValueError("invalid config: method_kwargs.distill_weight > 0 needs a teacher "
+                             "(config.teacher = 'init' or a params file)")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kw["distill_weight"] > 0
+
+    def train_sparsity(self, step: int) -> SparsitySpec:
+        """The (static) sparsity of training step ``step``; the same on every host."""
+        return SparsitySpec.dense()
+
+    def eval_densities(self) -> list[tuple[str, SparsitySpec]]:
+        """``(label, spec)`` pairs evaluated at each evaluation."""
+        locations = getattr(self, "locations", None) or (3, 6, 9)
+        out = []
+        for text in self.config.eval.densities:
+            spec = parse_density(text, locations)
+            out.append((spec.describe(), spec))
+        return out
+
+    def loss(self, params: Any, images: Array, targets: Array, *, spec: SparsitySpec,
+             rng: Array, teacher_params: Any | None) -> tuple[Array, Metrics]:
+        """Scalar loss and metrics for one (mixed) batch; ``targets`` are soft labels ``[B, K]``."""
+        logits, aux = self.model.apply({"params": params}, images, train=True, sparsity=spec,
+                                       rngs={"dropout": rng})
+        loss = losses.soft_cross_entropy(logits, targets)
+        metrics = {"loss_cls": loss}
+        if self.uses_teacher:
+            teacher_logits = self.teacher_logits(teacher_params, images)
+            kd = losses.kl_to_teacher(logits, teacher_logits, self.kw["distill_temperature"])
+            loss = loss + self.kw["distill_weight"] * kd
+            metrics["loss_kd"] = kd
+        return loss, metrics
+
+    def teacher_logits(self, teacher_params: Any, images: Array) -> Array:
+        logits, _ = self.model.apply({"params": teacher_params}, images, train=False)
+        return jax.lax.stop_gradient(logits)

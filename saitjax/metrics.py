@@ -1,0 +1,296 @@
+"""Where a training run's numbers go: a JSON-lines file, TensorBoard events and the console.
+
+    writer = MetricWriter(workdir, is_chief=jax.process_index() == 0)
+    progress = Progress(total_steps, global_batch_size, start_step=start_step)
+    ...
+    writer.write_scalars(step, {"loss": loss, "lr": lr}, prefix="train/")
+    progress.update(step, loss=loss, lr=lr)
+
+``metrics.jsonl`` is the record of truth: one self-contained JSON object per call, flushed at
+once, so a killed run loses nothing already written and a resumed run simply appends. Plots
+(:mod:`saitjax.viz`) and tests read it back with :func:`read_metrics`.
+
+TensorBoard events are written with the ``tensorboard`` package's protos and its pure-Python
+record framing, deliberately *not* through ``EventFileWriter``: that class goes through
+``tensorboard.compat.tf``, which imports TensorFlow whenever it is installed, and the training
+loop's metrics path must stay free of TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import socket
+import time
+from collections import deque
+from typing import Any, Callable, Iterator, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# JSON has no NaN/Infinity; these strings stand in for them in metrics.jsonl.
+_NONFINITE_TO_STR = {"nan": "nan", "inf": "inf", "-inf": "-inf"}
+_STR_TO_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_event_file_counter = itertools.count()
+
+
+def _to_float(key: str, value: Any) -> float:
+    try:
+        return float(value)  # Python/NumPy scalars and 0-d (JAX) arrays alike.
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metric {key!r} is not a scalar number: {value!r}") from err
+
+
+def _json_value(value: float) -> float | str:
+    return value if math.isfinite(value) else _NONFINITE_TO_STR[repr(value)]
+
+
+class _EventFile:
+    """A TensorBoard event file written synchronously, without TensorFlow."""
+
+    def __init__(self, logdir: str):
+        # Imported here so that metrics.jsonl works even where tensorboard is not installed.
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2
+        from tensorboard.compat.proto import tensor_shape_pb2, types_pb2
+        from tensorboard.plugins.text import metadata as text_metadata
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        self._tensor_pb2, self._shape_pb2, self._types_pb2 = tensor_pb2, tensor_shape_pb2, types_pb2
+        self._text_metadata = text_metadata
+        os.makedirs(logdir, exist_ok=True)
+        # Same naming scheme as TensorFlow's writer: TensorBoard reads every file in logdir, in
+        # name (= creation time) order, so a resumed run adds a file rather than rewriting one.
+        name = "events.out.tfevents.%010d.%s.%d.%d" % (
+            time.time(), socket.gethostname(), os.getpid(), next(_event_file_counter))
+        self.path = os.path.join(logdir, name)
+        self._records = RecordWriter(open(self.path, "wb"))
+        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _add(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        summary = self._summary_pb2.Summary(value=[
+            self._summary_pb2.Summary.Value(tag=tag, simple_value=value)
+            for tag, value in values.items()])
+        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        tensor = self._tensor_pb2.TensorProto(
+            dtype=self._types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+            tensor_shape=self._shape_pb2.TensorShapeProto())
+        metadata = self._text_metadata.create_summary_metadata(display_name=tag, description="")
+        value = self._summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+        summary = self._summary_pb2.Summary(value=[value])
+        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
+class MetricWriter:
+    """Appends scalars to ``workdir/metrics.jsonl`` and TensorBoard events under ``tensorboard/``.
+
+    Only the chief process writes (pass ``is_chief=jax.process_index() == 0``); on the others
+    every method is a no-op, so the training loop needs no ``if`` around its logging calls.
+    Usable as a context manager, which closes it.
+    """
+
+    def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True):
+        self.workdir = workdir
+        self.is_chief = bool(is_chief)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._jsonl = None
+        self._events: _EventFile | None = None
+        self._closed = False
+        if not self.is_chief:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        # A run killed mid-write can leave a final line without its newline; start on a fresh
+        # line so that our first record is not glued onto (and lost with) that fragment.
+        needs_newline = False
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+        self._jsonl = open(self.path, "a", buffering=1, encoding="utf-8")
+        if needs_newline:
+            self._jsonl.write("\n")
+        if tensorboard:
+            self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
+
+    @property
+    def tensorboard_path(self) -> str | None:
+        """The event file this writer appends to (``None`` without TensorBoard or off-chief)."""
+        return self._events.path if self._events is not None else None
+
+    def _active(self) -> bool:
+        if self._closed:
+            raise RuntimeError(f"MetricWriter for {self.workdir!r} is closed")
+        return self.is_chief
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], *, prefix: str = "") -> None:
+        """Record ``{prefix + key: value}`` at ``step``; non-finite values are kept, as strings."""
+        if not self._active():
+            return
+        step = int(step)
+        values = {prefix + key: _to_float(prefix + key, value) for key, value in scalars.items()}
+        record: dict[str, Any] = {"step": step, "time": time.time()}
+        record.update((key, _json_value(value)) for key, value in values.items())
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        if self._events is not None and values:
+            self._events.scalars(step, values)
+            self._events.flush()
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """Record a text (e.g. the config) for TensorBoard's text tab; not written to the jsonl."""
+        if not self._active() or self._events is None:
+            return
+        self._events.text(int(step), tag, text)
+        self._events.flush()
+
+    def flush(self) -> None:
+        """Push everything written so far to disk (survives a machine crash, not only a kill)."""
+        if not self._active():
+            return
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        """Flush and close the files; closing twice is harmless, writing afterwards is an error."""
+        if self._closed:
+            return
+        if self.is_chief:
+            self.flush()
+            self._jsonl.close()
+            if self._events is not None:
+                self._events.close()
+        self._closed = True
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(workdir_or_path: str, *, decode_nonfinite: bool = True) -> list[dict]:
+    """Load ``metrics.jsonl`` (from a workdir or the file itself) as a list of records.
+
+    Lines that do not parse, such as a last line cut short by a killed run, are skipped.
+    With ``decode_nonfinite`` the strings ``"nan"``, ``"inf"`` and ``"-inf"`` become floats
+    again, so callers can do arithmetic on every metric value.
+    """
+    path = workdir_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if decode_nonfinite:
+                record = {key: _STR_TO_NONFINITE.get(value, value) if isinstance(value, str)
+                          else value for key, value in record.items()}
+            records.append(record)
+    return records
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m12s``, ``2h05m``, ``1d03h``: short enough for a progress line."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(0.0, seconds) + 0.5)  # Half up, not to even.
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_value(value: float) -> str:
+    """Four significant digits, or scientific notation for tiny/huge values such as a lr."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return str(value) if value != 0 else "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e5:
+        return f"{value:.1e}"
+    return f"{value:.4g}"
+
+
+class Progress:
+    """One plain line per :meth:`update` (no carriage returns, so log files stay readable).
+
+    Throughput is measured from the wall time between updates. The first update after a (re)start
+    includes compilation, so it reports that time on its own instead of a misleading img/s.
+    Construct it right before the training loop: the first interval starts at construction.
+    The ETA uses the rate over the last ``window`` intervals.
+    """
+
+    def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0,
+                 print_fn: Callable[[str], Any] | None = print, *, window: int = 10):
+        self.total_steps = int(total_steps)
+        self.global_batch_size = int(global_batch_size)
+        self.print_fn = print_fn
+        self._first = True
+        self._last_step = int(start_step)
+        self._last_time = time.perf_counter()
+        self._recent: deque[tuple[int, float]] = deque(maxlen=max(1, window))
+        self.compile_s: float | None = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (evaluation, checkpointing) out of img/s and the ETA."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_time += time.perf_counter() - start
+
+    def update(self, step: int, **scalars: float) -> str:
+        """Print and return the progress line for ``step`` with the given scalars."""
+        now = time.perf_counter()
+        step = int(step)
+        steps, seconds = step - self._last_step, now - self._last_time
+        parts = [self._step_text(step)]
+        parts += [f"{name} {format_value(value)}" for name, value in scalars.items()]
+        if self._first:
+            self._first = False
+            self.compile_s = seconds
+            parts.append(f"(first step incl. compile {seconds:.1f}s)")
+        elif steps > 0 and seconds > 0:
+            self._recent.append((steps, seconds))
+            parts.append(f"{steps * self.global_batch_size / seconds:.1f} img/s")
+            recent_steps = sum(s for s, _ in self._recent)
+            recent_seconds = sum(t for _, t in self._recent)
+            eta = max(0, self.total_steps - step) * recent_seconds / recent_steps
+            parts.append(f"ETA {format_duration(eta)}")
+        self._last_step, self._last_time = step, now
+        line = "  ".join(parts)
+        if self.print_fn is not None:
+            self.print_fn(line)
+        return line
+
+    def _step_text(self, step: int) -> str:
+        if self.total_steps <= 0:
+            return f"step {step}"
+        return f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)"

@@ -1,0 +1,358 @@
+"""The trainer: one recipe for every method, from a 2-core laptop to a TPU pod.
+
+Read top to bottom: distributed init -> mesh -> model and method -> data -> optimizer ->
+state (restored from the workdir, else initialised from ``config.init``, else from scratch) ->
+jitted update step -> loop with progress, metrics, per-density evaluation and checkpoints ->
+final evaluation, export and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from saitjax import config as config_lib
+from saitjax import parallel
+from saitjax.checkpointing import (Checkpointer, CheckpointMismatchError, TrainState, abstract_like,
+                                   check_meta_compatible)
+from saitjax.convert import load_params, save_params
+from saitjax.data.mixing import mixup_cutmix
+from saitjax.evaluate import Evaluator
+from saitjax.methods import Method, build_method
+from saitjax.metrics import MetricWriter, Progress
+from saitjax.models import create_model
+from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
+from saitjax.sparsity import SparsitySpec
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the run stopped without saving it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted update step
+# ----------------------------------------------------------------------------------------------
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict, num_classes: int) -> Callable:
+    """``step(state, batch, teacher_params, spec) -> (state, metrics)``, pure, to be jitted.
+
+    Randomness is ``fold_in(seed, step)``: a resumed run draws exactly what an uninterrupted one
+    would. A non-finite loss or gradient leaves params and optimizer state unchanged and is
+    flagged in the metrics; the host stops the run at its next check.
+    """
+    mix = config.mixup
+    base_key = jax.random.key(config.seed)
+
+    def step(state: TrainState, batch: dict, teacher_params: Any, spec: SparsitySpec):
+        rng = jax.random.fold_in(base_key, state.step)
+        mix_rng, model_rng = jax.random.split(rng)
+        images, targets = mixup_cutmix(mix_rng, batch["image"], batch["label"], num_classes=num_classes,
+                                       mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha,
+                                       switch_prob=mix.switch_prob, label_smoothing=mix.label_smoothing,
+                                       prob=mix.prob)
+
+        def loss_fn(params):
+            return method.loss(params, images, targets, spec=spec, rng=model_rng,
+                               teacher_params=teacher_params)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
+                               opt_state=keep_if_finite(opt_state, state.opt_state))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "finite": finite.astype(jnp.float32)}
+        return new_state, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def run_meta(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
+    """What a checkpoint records about its run (and what a resume must agree with)."""
+    from saitjax import __version__
+
+    return {"model": config.model, "method": config.method, "num_classes": model.num_classes,
+            "img_size": model.img_size, "saitjax_version": __version__}
+
+
+def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
+    """``(total_steps, warmup_steps, steps_per_epoch)`` from steps or epochs."""
+    steps_per_epoch = max(1, num_train_examples // config.batch_size)
+    total = config.train_steps if config.train_steps > 0 else math.ceil(config.train_epochs * steps_per_epoch)
+    o = config.optim
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else round(o.warmup_epochs * steps_per_epoch)
+    return total, min(warmup, total), steps_per_epoch
+
+
+def optimizer_config(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
+                     steps_per_epoch: int) -> OptimizerConfig:
+    o = config.optim
+    lr = o.lr if o.lr > 0 else scaled_lr(o.lr_per_512, config.batch_size)
+    return OptimizerConfig(
+        lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min(o.min_lr, lr),
+        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+        grad_clip_norm=o.grad_clip_norm or None, frozen=tuple(o.frozen),
+        lr_multipliers=tuple((r, float(m)) for r, m in o.lr_multipliers),
+        frozen_until_step=tuple((r, round(float(e) * steps_per_epoch)) for r, e in o.frozen_until_epoch))
+
+
+def load_pretrained(params: Any, path: str, config: ml_collections.ConfigDict) -> tuple[Any, list[str]]:
+    """Overwrite ``params`` leaves with those of ``path``; returns the names left at their init.
+
+    Parameters absent from the file (a sparse method's new modules) and the classifier head when
+    its shape differs (fine-tuning to another label set) keep their fresh initialisation.
+    """
+    loaded = load_params(path, config.model, strict=False, skip_mismatched=r"^head(_dist)?/",
+                         **dict(config.model_kwargs))
+    flat = traverse_util.flatten_dict(params)
+    new = traverse_util.flatten_dict(loaded)
+    fresh = sorted("/".join(k) for k in flat if k not in new)
+    flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in new.items()})
+    return traverse_util.unflatten_dict(flat), fresh
+
+
+class _StopSignal:
+    """SIGTERM (preemption) -> finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> None:
+    path = os.path.join(workdir, "config.json")
+    text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+        path = os.path.join(workdir, f"config.resumed_step{start_step}.json")  # never overwrite
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------
+
+
+class Run:
+    """Everything a training or evaluation run builds before its loop (one place, so ``--mode
+    eval`` restores exactly what training saved)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        config_lib.validate(config)
+        self.config, self.workdir = config, workdir
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.model = model = create_model(config.model, **dict(config.model_kwargs))
+        self.method = build_method(config, model)
+        self.meta = run_meta(config, model)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save)
+        self.latest = self.ckpt.latest_step()
+        if self.latest is not None:
+            check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
+        if data is None:
+            from saitjax.data.source import TFDSData
+
+            data = TFDSData(config, self.mesh, patch_size=model.patch_size)
+        if data.num_classes != model.num_classes:
+            raise ValueError(f"invalid config: the dataset has {data.num_classes} classes but the model "
+                             f"has num_classes={model.num_classes}; set model_kwargs.num_classes")
+        self.data = data
+        self.total_steps, warmup, steps_per_epoch = durations(config, data.num_train_examples)
+        self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
+        self.replicated = parallel.replicated(self.mesh)
+        parallel.check_batch_size(config.batch_size, self.mesh)
+        self.dummy = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+        self.params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), self.dummy)["params"])
+        self.tx, self.schedule = make_optimizer(self.opt_config, self.params_shape)
+
+    def init_state(self, params: Any) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def restore_or_init(self) -> TrainState:
+        """The workdir's latest checkpoint, else ``config.init`` weights, else a fresh init."""
+        config, model = self.config, self.model
+        if self.latest is not None:
+            abstract = abstract_like(jax.eval_shape(self.init_state, self.params_shape), self.replicated)
+            state, _ = self.ckpt.restore(abstract, self.latest)
+            logging.info("resumed from %s at step %d", self.ckpt.directory, self.latest)
+            return state
+        params = jax.jit(lambda k: model.init(k, self.dummy)["params"], out_shardings=self.replicated)(
+            jax.random.key(config.seed))
+        if config.init:
+            params, fresh = load_pretrained(params, config.init, config)
+            params = parallel.replicate(params, self.mesh)
+            logging.info("initialised from %s; fresh init kept for: %s", config.init, fresh or "nothing")
+        return jax.jit(self.init_state, out_shardings=self.replicated)(params)
+
+    def jitted_train_step(self, donate: bool = True) -> Callable:
+        """``(state, batch, teacher_params, spec) -> (state, metrics)`` with the mesh's shardings.
+
+        ``spec`` is static: one compilation per distinct sparsity spec, never per batch.
+        """
+        step = make_train_step(self.method, self.tx, self.schedule, self.config, self.model.num_classes)
+        return jax.jit(step, static_argnums=3, donate_argnums=0 if donate else (),
+                       in_shardings=(self.replicated, parallel.batch_sharded(self.mesh), self.replicated),
+                       out_shardings=(self.replicated, self.replicated))
+
+    def teacher_params(self) -> Any | None:
+        if not self.method.uses_teacher:
+            return None
+        config = self.config
+        source = config.init if config.teacher == "init" else config.teacher
+        return parallel.replicate(load_params(source, config.model, strict=False,
+                                              **dict(config.model_kwargs)), self.mesh)
+
+    def evaluate(self, params: Any, step: int, writer: MetricWriter | None = None) -> dict[str, Any]:
+        results = Evaluator(self.model, self.method.eval_densities())(params, self.data.eval_batches())
+        if writer is not None:
+            writer.write_scalars(step, {f"{key}@{label}": value for label, r in results.items()
+                                        for key, value in r.items() if key != "count"}, prefix="eval/")
+        logging.info("eval at step %d: %s", step, "  ".join(
+            f"{label}: top1 {r['top1']:.4f}" for label, r in results.items()))
+        return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
+                        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """``--mode eval``: evaluate the workdir's latest checkpoint at every configured density."""
+    run = Run(config, workdir, data, mesh)
+    if run.latest is None:
+        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to evaluate; train first")
+    state = run.restore_or_init()
+    results = run.evaluate(state.params, run.latest)
+    run.ckpt.close()
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data: Any | None = None,
+                       mesh: jax.sharding.Mesh | None = None,
+                       max_steps: int | None = None) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming what is there); returns the final evaluation.
+
+    ``data`` replaces the TFDS input (an object with ``num_train_examples``, ``num_classes``,
+    ``train_batches(start_step)`` and ``eval_batches()``, all yielding global batches); tests use
+    it. ``max_steps`` stops early (tests of interruption), as a kill would.
+    """
+    run = Run(config, workdir, data, mesh)
+    model, method, ckpt, data = run.model, run.method, run.ckpt, run.data
+    total_steps, meta = run.total_steps, run.meta
+    chief = jax.process_index() == 0
+    state = run.restore_or_init()
+    teacher_params = run.teacher_params()
+    opt_config, params_shape = run.opt_config, run.params_shape
+
+    start_step = int(jax.device_get(state.step))
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        _write_config(workdir, config, start_step)
+        logging.info("optimizer param groups:\n%s", param_groups_summary(opt_config, params_shape))
+
+    step_fn = run.jitted_train_step()
+    writer = MetricWriter(workdir, is_chief=chief)
+    progress = Progress(total_steps, config.batch_size, start_step=start_step)
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        with progress.paused():
+            return run.evaluate(state.params, step, writer)
+
+    pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host check
+    last_checked = start_step
+
+    def check_and_log(step: int) -> None:
+        nonlocal pending, last_checked
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        bad = [s for (s, _), m in zip(pending, fetched) if m["finite"] < 1]
+        if bad:
+            raise NonFiniteLossError(
+                f"loss or gradient became NaN/inf at step {bad[0]} (checked steps {last_checked + 1}-"
+                f"{step}); no checkpoint of that state was written (last checkpoint: step "
+                f"{ckpt.latest_step()}). Lower optim.lr, enable optim.grad_clip_norm, or check the data.")
+        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
+        writer.write_scalars(step, scalars, prefix="train/")
+        progress.update(step, loss=scalars["loss"], lr=fetched[-1]["lr"])
+        pending, last_checked = [], step
+
+    results: dict[str, Any] = {}
+    with _StopSignal() as stop:
+        batches = data.train_batches(start_step)
+        step = start_step
+        while step < stop_at:
+            batch = next(batches)
+            spec = method.train_sparsity(step)
+            state, metrics = step_fn(state, batch, teacher_params, spec)
+            step += 1
+            pending.append((step, metrics))
+            if step % config.log_every_steps == 0 or step == stop_at or stop.received:
+                check_and_log(step)
+            if step % config.checkpoint.every_steps == 0 or step == total_steps or stop.received:
+                check_and_log(step)  # never save a state whose loss was not checked finite
+                with progress.paused():
+                    ckpt.save(step, state, meta)
+            if step % config.eval.every_steps == 0 and step != total_steps:
+                results = evaluate(step)
+            if stop.received:
+                break
+        ckpt.wait()
+    if step == total_steps and not stop.received:
+        results = evaluate(step)
+        if chief:
+            export = os.path.join(workdir, "export", f"params_step{step}.npz")
+            if not os.path.exists(export):
+                save_params(export, jax.device_get(state.params), model=config.model,
+                            method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
+            if config.plot:
+                from saitjax.viz import plot_training_curves
+
+                plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
+                                     os.path.join(workdir, "training_curves.png"),
+                                     title=f"{config.model} ({config.method})")
+    writer.close()
+    ckpt.close()
+    return {"step": step, "eval": results, "state": state}

@@ -1,0 +1,261 @@
+"""Pictures a person would rather look at than a metrics file: curves, Pareto fronts, kept tokens.
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never
+through ``pyplot``: nothing needs a display, no global backend is switched under the caller's
+feet, and figures are not kept alive in pyplot's registry by a long-running training process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from saitjax.metrics import read_metrics
+
+MID_GREY = 0.5
+_EVAL_TOP1 = re.compile(r"^eval/top1")
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, str):
+        value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(value)
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of ``key``; after a resume the record written last wins for a step."""
+    by_step: dict[int, float] = {}
+    for record in records:
+        value = _float_or_none(record.get(key))
+        if value is not None and "step" in record:
+            by_step[int(record["step"])] = value
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+def _ema(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
+    out, acc = np.empty_like(values), None
+    for i, value in enumerate(values):
+        if math.isfinite(value):
+            acc = value if acc is None else weight * acc + (1 - weight) * value
+        out[i] = math.nan if acc is None else acc
+    return out
+
+
+def _save(fig: Figure, out_png: str) -> str:
+    directory = os.path.dirname(os.path.abspath(out_png))
+    os.makedirs(directory, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(out_png, format="png", dpi=fig.dpi)
+    return out_png
+
+
+def _keys(records: Sequence[dict], predicate) -> list[str]:
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if key not in seen and predicate(key):
+                seen[key] = None
+    return sorted(seen)
+
+
+def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
+                         title: str | None = None) -> str:
+    """Loss terms, learning rate and every ``eval/top1*`` curve of a run, one panel each.
+
+    ``metrics`` is a list of :func:`saitjax.metrics.read_metrics` records, or a workdir or
+    ``metrics.jsonl`` path. Panels whose keys are absent are left out. Returns ``out_png``.
+    """
+    records = read_metrics(metrics) if isinstance(metrics, str) else list(metrics)
+    loss_keys = _keys(records, lambda k: k.startswith("train/") and "loss" in k)
+    eval_loss_keys = _keys(records, lambda k: k.startswith("eval/") and "loss" in k)
+    top1_keys = _keys(records, lambda k: bool(_EVAL_TOP1.match(k)))
+    panels = []
+    if loss_keys or eval_loss_keys:
+        panels.append("loss")
+    if any("train/lr" in r for r in records):
+        panels.append("lr")
+    if top1_keys:
+        panels.append("top1")
+
+    fig = Figure(figsize=(5.0 * max(1, len(panels)), 3.8), dpi=100, layout="constrained")
+    if title:
+        fig.suptitle(title)
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no train/loss, train/lr or eval/top1 metrics", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, out_png)
+
+    axes = {name: fig.add_subplot(1, len(panels), i + 1) for i, name in enumerate(panels)}
+    if "loss" in axes:
+        ax = axes["loss"]
+        for key in loss_keys:
+            steps, values = _series(records, key)
+            if not np.isfinite(values).any():
+                continue
+            if len(steps) > 100:  # Noisy per-step losses: faint raw curve plus a smoothed one.
+                (line,) = ax.plot(steps, values, alpha=0.3, linewidth=0.8)
+                weight = min(0.95, 1.0 - 10.0 / len(steps))  # Averages over ~n/10 points at most.
+                ax.plot(steps, _ema(values, weight), color=line.get_color(), label=key)
+            else:
+                ax.plot(steps, values, marker=".", label=key)
+        for key in eval_loss_keys:
+            steps, values = _series(records, key)
+            if not np.isfinite(values).any():
+                continue
+            ax.plot(steps, values, marker="o", linestyle="--", label=key)
+        ax.set_title("loss")
+    if "lr" in axes:
+        ax = axes["lr"]
+        steps, values = _series(records, "train/lr")
+        ax.plot(steps, values)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.set_title("learning rate")
+    if "top1" in axes:
+        ax = axes["top1"]
+        for key in top1_keys:
+            steps, values = _series(records, key)
+            label = key[len("eval/top1"):].lstrip("@/_") or "top1"
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+        ax.set_title("eval top-1")
+    for ax in axes.values():
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0] and ax is not axes.get("lr"):
+            ax.legend(fontsize="small")
+    return _save(fig, out_png)
+
+
+def _pareto_panel(ax, rows: Sequence[dict], x: str, y: str, label: str, group: str | None,
+                  dense_y: float | None) -> None:
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get(group) if group else None, []).append(row)
+    for name, members in groups.items():
+        members = sorted(members, key=lambda r: r[x])
+        xs = [float(r[x]) for r in members]
+        ys = [float(r[y]) for r in members]
+        ax.plot(xs, ys, marker="o", label=None if name is None else str(name))
+        for row, xv, yv in zip(members, xs, ys):
+            if label in row:
+                ax.annotate(str(row[label]), (xv, yv), textcoords="offset points",
+                            xytext=(4, 4), fontsize="x-small")
+    if dense_y is not None:
+        ax.axhline(dense_y, linestyle="--", color="grey", linewidth=1,
+                   label=f"densest: {dense_y:.4g}")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_pareto(rows: list[dict], out_png: str, *, x: str = "gflops", y: str = "top1",
+                label: str = "spec", title: str | None = None, group: str | None = None) -> str:
+    """Accuracy vs compute of a density sweep, plus accuracy vs ``img_per_s`` when measured.
+
+    Each point is annotated with ``row[label]``; the dashed line marks the accuracy of the
+    densest point (largest ``x``), i.e. what pruning is trading away. ``group`` (optional)
+    names a key that splits the rows into separate lines, e.g. one per pruning rule.
+    """
+    points = [r for r in rows if _float_or_none(r.get(x)) is not None
+              and _float_or_none(r.get(y)) is not None]
+    if not points:
+        raise ValueError(f"no row has both {x!r} and {y!r}")
+    dense_y = float(max(points, key=lambda r: float(r[x]))[y])
+    speed = [r for r in points if _float_or_none(r.get("img_per_s")) is not None]
+    panels = 2 if speed and x != "img_per_s" else 1
+    fig = Figure(figsize=(5.5 * panels, 4.2), dpi=100, layout="constrained")
+    if title:
+        fig.suptitle(title)
+    _pareto_panel(fig.add_subplot(1, panels, 1), points, x, y, label, group, dense_y)
+    if panels == 2:
+        _pareto_panel(fig.add_subplot(1, panels, 2), speed, "img_per_s", y, label, group, dense_y)
+    return _save(fig, out_png)
+
+
+def _as_unit_float(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if not np.issubdtype(image.dtype, np.floating):
+        image = image.astype(np.float32)
+    return image
+
+
+def grey_out_pruned(image: np.ndarray, keep_mask_grid: np.ndarray, patch_size: int,
+                    strength: float = 0.7) -> np.ndarray:
+    """Blend pruned patches ``strength`` of the way to mid grey; kept patches stay as they were.
+
+    ``image`` is ``[H, W, C]``, float in [0, 1] (dtype kept) or uint8 (returned as float32 in
+    [0, 1]); ``keep_mask_grid`` is ``[H // p, W // p]`` or flattened row-major, nonzero = kept.
+    Pixels past the last whole patch are left unchanged. The input is not modified.
+    """
+    image = _as_unit_float(image)
+    if image.ndim != 3:
+        raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
+    height, width = image.shape[0] // patch_size, image.shape[1] // patch_size
+    mask = np.asarray(keep_mask_grid)
+    if mask.size != height * width:
+        raise ValueError(f"keep mask has {mask.size} entries but a {image.shape[:2]} image has "
+                         f"{height}x{width} patches of {patch_size} px")
+    kept = mask.reshape(height, width) != 0
+    kept_pixels = np.ones(image.shape[:2], dtype=bool)
+    kept_pixels[:height * patch_size, :width * patch_size] = np.repeat(
+        np.repeat(kept, patch_size, axis=0), patch_size, axis=1)
+    strength = np.asarray(strength, dtype=image.dtype)
+    blended = image + strength * (np.asarray(MID_GREY, dtype=image.dtype) - image)
+    return np.where(kept_pixels[..., None], image, blended)
+
+
+def plot_kept_tokens(images: np.ndarray, keep_masks: list[np.ndarray], row_labels: list[str],
+                     out_png: str, *, patch_size: int, max_images: int = 8) -> str:
+    """One row per density, one column per image, pruned patches greyed out.
+
+    ``images`` is ``[n, H, W, 3]`` in [0, 1] or uint8 (undo any mean/std normalisation first;
+    floats are clipped to [0, 1]); ``keep_masks[i]`` is ``[n, (H // p) * (W // p)]`` 0/1, the
+    ``aux["keep_masks"]`` convention of the models (patch tokens only, original order). Each
+    panel's title is the fraction of tokens it keeps.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [n, H, W, C], got shape {images.shape}")
+    if len(keep_masks) != len(row_labels):
+        raise ValueError(f"{len(keep_masks)} keep masks but {len(row_labels)} row labels")
+    if not keep_masks:
+        raise ValueError("need at least one keep mask")
+    cols = min(images.shape[0], max_images)
+    rows = len(keep_masks)
+    masks = [np.asarray(m).reshape(np.asarray(m).shape[0], -1) for m in keep_masks]
+    for label, mask in zip(row_labels, masks):
+        if mask.shape[0] < cols:
+            raise ValueError(f"keep mask {label!r} covers {mask.shape[0]} images, need {cols}")
+    height, width = images.shape[1], images.shape[2]
+    fig = Figure(figsize=(1.9 * cols + 0.6, 2.0 * rows), dpi=100, layout="constrained")
+    for r, (label, mask) in enumerate(zip(row_labels, masks)):
+        for c in range(cols):
+            ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+            shown = np.clip(grey_out_pruned(images[c], mask[c], patch_size), 0.0, 1.0)
+            ax.imshow(shown, interpolation="nearest")
+            edges_x = np.arange(patch_size, width, patch_size) - 0.5
+            edges_y = np.arange(patch_size, height, patch_size) - 0.5
+            ax.vlines(edges_x, -0.5, height - 0.5, colors="white", linewidths=0.3, alpha=0.35)
+            ax.hlines(edges_y, -0.5, width - 0.5, colors="white", linewidths=0.3, alpha=0.35)
+            ax.set_xlim(-0.5, width - 0.5)
+            ax.set_ylim(height - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{100.0 * np.mean(mask[c] != 0):.0f}% kept", fontsize="x-small")
+            if c == 0:
+                ax.set_ylabel(label, fontsize="small")
+    return _save(fig, out_png)

@@ -1,0 +1,149 @@
+"""Trainer: multi-device equivalence, checkpoints across topologies, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from saitjax import parallel, train
+from saitjax.checkpointing import CheckpointMismatchError, Checkpointer
+
+from train_fixtures import tiny_config, tiny_data
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+
+
+def _run_steps(devices, config, steps=3):
+    """Run ``steps`` update steps on a mesh of ``devices``; return params on the host."""
+    mesh = parallel.make_mesh(devices)
+    run = train.Run(config, "/nonexistent-unused", data=tiny_data(mesh, config), mesh=mesh)
+    state = run.restore_or_init()
+    step_fn = run.jitted_train_step()
+    batches = run.data.train_batches(0)
+    for step in range(steps):
+        state, metrics = step_fn(state, next(batches), None, run.method.train_sparsity(step))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_eight_devices_match_one(tmp_path):
+    assert jax.device_count() == 8
+    config = tiny_config()
+    one, m1 = _run_steps(jax.devices()[:1], config)
+    eight, m8 = _run_steps(jax.devices(), config)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), one, eight)
+
+
+def test_train_evaluate_save_on_8_restore_on_1(tmp_path):
+    config = tiny_config()
+    mesh8 = parallel.make_mesh()
+    result = train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh8, config))
+    assert result["step"] == 16 and result["eval"]["dense"]["count"] == 40
+    assert result["eval"]["dense"]["top1"] > 0.5  # four easy classes, chance is 0.25
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "8", "12", "16"]
+    assert os.path.exists(tmp_path / "export" / "params_step16.npz")
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert any("train/loss" in r for r in records) and any("eval/top1@dense" in r for r in records)
+    assert os.listdir(tmp_path / "tensorboard")
+
+    # restore the 8-device checkpoint onto a 1-device mesh
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    run = train.Run(config, str(tmp_path), data=tiny_data(mesh1, config), mesh=mesh1)
+    state = run.restore_or_init()
+    assert int(state.step) == 16
+    assert state.params["head"]["kernel"].sharding.mesh.devices.size == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                 jax.device_get(result["state"].params))
+    # --mode eval on the restored checkpoint reproduces the final evaluation
+    again = train.evaluate_checkpoint(config, str(tmp_path), data=tiny_data(mesh1, config), mesh=mesh1)
+    assert again["dense"]["top1"] == pytest.approx(result["eval"]["dense"]["top1"])
+
+
+def _worker(*args, env=None):
+    return subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def _load(path):
+    with np.load(path) as f:
+        return [f[k] for k in f.files if k != "top1"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    straight = _worker(tmp_path / "a", tmp_path / "a.npz")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _worker(tmp_path / "b", tmp_path / "b.npz", "--kill-at", 14)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() in (8, 12)
+    assert not os.path.exists(tmp_path / "b.npz")
+    resumed = _worker(tmp_path / "b", tmp_path / "b.npz")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for a, b in zip(_load(tmp_path / "a.npz"), _load(tmp_path / "b.npz")):
+        np.testing.assert_array_equal(a, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_global_batch_as_one(tmp_path):
+    single = _worker(tmp_path / "single", tmp_path / "single.npz", "--devices", 2)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER, tmp_path / "multi", tmp_path / "multi.npz",
+                               "--process-id", str(i), "--num-processes", "2", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    for a, b in zip(_load(tmp_path / "single.npz"), _load(tmp_path / "multi.npz")):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_workdir_of_another_model_is_refused_and_left_intact(tmp_path):
+    config = tiny_config(train_steps=4)
+    mesh = parallel.make_mesh()
+    train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh, config))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    other = tiny_config(train_steps=4, model="vit_test_distilled_patch4_32")
+    with pytest.raises(CheckpointMismatchError, match="vit_test_patch4_32.*Nothing was changed"):
+        train.train_and_evaluate(other, str(tmp_path), data=tiny_data(mesh, other))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path):
+    config = tiny_config(train_steps=8)
+    config.optim.lr = 1e30  # explodes within a few steps
+    config.optim.grad_clip_norm = 0.0
+    mesh = parallel.make_mesh()
+    with pytest.raises(train.NonFiniteLossError, match="NaN/inf at step"):
+        train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh, config))
+    saved = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+    assert all(step < 8 for step in saved)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown model 'deit_smal'"):
+        train.Run(tiny_config(model="deit_smal"), "/tmp/unused")
+    with pytest.raises(ValueError, match="data.image_size=48 but vit_test_patch4_32 takes 32 px"):
+        train.Run(tiny_config(**{"data.image_size": 48}), "/tmp/unused")
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        config = tiny_config(batch_size=12)
+        train.Run(config, "/tmp/unused", data=tiny_data(parallel.make_mesh(jax.devices()[:4]), tiny_config()))
+    with pytest.raises(ValueError, match="dataset has 4 classes but the model has num_classes=10"):
+        c = tiny_config(**{"model_kwargs.num_classes": 10})
+        train.Run(c, "/tmp/unused", data=tiny_data(parallel.make_mesh(), tiny_config()))
