@@ -52,7 +52,13 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(main)
+    try:
+        app.run(main)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        # --config.field=value overrides are applied while flags are parsed, before main().
+        message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").split()).replace("'", "").strip('"')
+        print(f"error: bad --config override or config argument: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

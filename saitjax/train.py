@@ -187,12 +187,6 @@ class Run:
         self.model = model = create_model(config.model, **dict(config.model_kwargs))
         self.method = build_method(config, model)
         self.meta = run_meta(config, model)
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.checkpoint.max_to_keep,
-                                 async_save=config.checkpoint.async_save)
-        self.latest = self.ckpt.latest_step()
-        if self.latest is not None:
-            check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
         if data is None:
             from saitjax.data.source import TFDSData
 
@@ -201,6 +195,13 @@ class Run:
             raise ValueError(f"invalid config: the dataset has {data.num_classes} classes but the model "
                              f"has num_classes={model.num_classes}; set model_kwargs.num_classes")
         self.data = data
+        # Only now, with the config and data known good, touch the workdir.
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save)
+        self.latest = self.ckpt.latest_step()
+        if self.latest is not None:
+            check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
         self.total_steps, warmup, steps_per_epoch = durations(config, data.num_train_examples)
         self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
         self.replicated = parallel.replicated(self.mesh)

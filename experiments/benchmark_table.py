@@ -1,0 +1,33 @@
+"""Render `python -m saitjax.benchmark --json` rows as the README's markdown table.
+
+    python experiments/benchmark_table.py experiments/results/deit_small_cpu.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | framework | batch | tokens kept | img/s | ms/batch | speedup (measured) | "
+             "FLOP ratio | GMACs (analytic) | GFLOPs (XLA) | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r.get("flop_ratio_vs_first")
+        gmacs = r["gmacs_analytic"]
+        lines.append(
+            f"| {r['model']} | {r['framework']} | {r['batch_size']} | {r['spec']} | {r['img_per_s']:.1f} | "
+            f"{r['ms_per_batch']:.1f} | {r['speedup_vs_first']:.2f}x | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | {'' if gmacs != gmacs else f'{gmacs:.2f}'} | "
+            f"{'' if r['gflops_xla'] != r['gflops_xla'] else format(r['gflops_xla'], '.2f')} | "
+            f"{r['compile_s']:.1f} |")
+    first = rows[0] if rows else {}
+    lines.append(f"\nMachine: {first.get('device')} ({first.get('cpu_count')} cores), "
+                 f"jax {first.get('jax_version')}, {first.get('runs')} timed runs per row (median).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], encoding="utf-8") as f:
+        print(table([json.loads(line) for line in f if line.strip()]))
