@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     # conversion and benchmark paths never import it.
     "tensorflow-datasets>=4.9.6,<5",
     "tensorflow-cpu>=2.18,<2.22",
+    "importlib_resources>=6",  # TFDS needs it to prepare custom builders (saitjax_shapes)
 ]
 
 EXTRAS = {

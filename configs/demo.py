@@ -14,7 +14,7 @@ from saitjax.config import base_config, finalize, parse_arg
 
 
 def get_config(arg: str | None = None):
-    a = parse_arg(arg, epochs=3.0, batch=64, lr=1e-3, data_dir="", dataset="saitjax_shapes")
+    a = parse_arg(arg, epochs=10.0, batch=64, lr=2e-3, data_dir="", dataset="saitjax_shapes")
     c = base_config()
     c.model = "vit_demo_patch8_64"
     c.model_kwargs.num_classes = 8
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     c.data.data_dir = a.data_dir
     c.data.train_split, c.data.eval_split = "train", "test"
     c.data.image_size = 64
-    c.data.crop_scale = (0.5, 1.0)  # images are already at size; crops must keep the object
+    c.data.crop_scale = (0.85, 1.0)  # images are already at size; crops must keep the object
     c.data.randaugment = ""
     c.data.crop_pct = 1.0
     c.data.shuffle_buffer = 4096
@@ -37,11 +37,11 @@ def get_config(arg: str | None = None):
     c.train_epochs = a.epochs
     c.optim.lr = a.lr
     c.optim.min_lr = 1e-5
-    c.optim.warmup_epochs = 0.25
+    c.optim.warmup_epochs = 0.5
     c.optim.weight_decay = 0.05
     c.optim.grad_clip_norm = 1.0
 
-    c.eval.every_steps = 10_000  # evaluated at the end (and by --mode eval)
+    c.eval.every_steps = 400  # and at the end (and by --mode eval)
     c.eval.batch_size = 256
     c.checkpoint.every_steps = 100
     c.log_every_steps = 20

@@ -24,7 +24,8 @@ _EXPORTS = {
     "CLASS_NAMES": "shapes_builder",
     # mixing.py (JAX only) and object_masks.py (NumPy only)
     "mixup_cutmix": "mixing", "smooth_one_hot": "mixing",
-    "patch_mask": "object_masks", "patch_masks": "object_masks", "patch_fractions": "object_masks",
+    "patch_mask": "object_masks", "patch_masks": "object_masks",
+    "patch_fractions": "object_masks",
 }
 
 __all__ = sorted(_EXPORTS)

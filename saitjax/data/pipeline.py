@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from saitjax import parallel
 from saitjax.data import preprocess as pp
 from saitjax.data import shapes_builder  # registers the generated `saitjax_shapes` builder
 
@@ -36,6 +37,7 @@ pp.hide_gpus_from_tf()
 
 GENERATED = {"saitjax_shapes": shapes_builder.build_shapes_dataset}
 IMAGEFOLDER_PREFIX = "imagefolder:"
+# Archives TFDS expects in manual_dir (one split per archive; at least one must be there).
 _MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 _DOC = "docs/imagenet.md"
 
@@ -105,7 +107,8 @@ def _prepare(builder: Any, base: str, name: str, data_dir: str | None,
             problem = "does not exist"
         else:
             missing = [f for f in files if not os.path.exists(os.path.join(manual, f))]
-            problem = f"lacks {', '.join(missing)}" if missing else ""
+            # TFDS builds the splits whose archives exist; with none there is nothing to build.
+            problem = f"lacks {', '.join(missing)}" if files and len(missing) == len(files) else ""
         if problem:
             what = (", ".join(files) if files
                     else "the files named in the dataset's manual download instructions")
@@ -129,9 +132,13 @@ def open_dataset(name: str, *, data_dir: str | None = None, manual_dir: str | No
                  download: bool = False) -> _Source:
     """Resolves ``name`` to a prepared source, preparing it when that needs no network.
 
-    Raises ValueError for an unknown name or config and FileNotFoundError for a missing
-    directory or missing manual-download files; prepared data is never overwritten.
+    ``data_dir``/``manual_dir`` of None or "" mean the TFDS defaults ($TFDS_DATA_DIR or
+    ~/tensorflow_datasets, and <data_dir>/downloads/manual). Raises ValueError for an unknown
+    name or config and FileNotFoundError for a missing directory or missing manual-download
+    files; prepared data is never overwritten.
     """
+    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None   # "" = default
+    manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = os.path.expanduser(name[len(IMAGEFOLDER_PREFIX):])
         if not os.path.isdir(root):
@@ -154,7 +161,7 @@ def open_dataset(name: str, *, data_dir: str | None = None, manual_dir: str | No
             return _Source(GENERATED[base](data_dir, config), imagefolder=False)
         except ValueError as e:  # unknown config
             raise ValueError(f"Cannot open {name!r}: {e}") from e
-    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+    if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"data_dir {data_dir!r} does not exist; it should be the TFDS data directory that "
             f"holds prepared datasets (<data_dir>/{base}/<config>/<version>/...). Fix the path "
@@ -196,6 +203,36 @@ def num_eval_batches(name: str, split: str, per_host_batch_size: int, *,
 
 # ----------------------------------------------------------------------------- pipelines
 
+def _train_stream(source: _Source, split: str, index: int, count: int, *, host_seed: int,
+                  cache: bool, shuffle_buffer: int, num_epochs: int | None,
+                  start_example: int) -> tf.data.Dataset:
+    """(example index, {"image", "label"}) pairs: every epoch reshuffled, resumable.
+
+    Uncached, each epoch is the host shard in file order shuffled with a seed of its own, so a
+    resume starts at its epoch and skips less than one epoch of records (TFDS file shuffling
+    is not used: it cannot be re-seeded per epoch). Cached (small data), the cached shard is
+    reshuffled each repeat and a resume replays the cached stream, which is cheap.
+    """
+    if start_example < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_example}")
+    base = source.read(split, index, count, shuffle=False, seed=host_seed,
+                       skip_image_decoding=source.jpeg)
+    base = base.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    if cache:
+        ds = base.cache().shuffle(shuffle_buffer, seed=host_seed, reshuffle_each_iteration=True)
+        return ds.repeat(num_epochs).enumerate().skip(start_example)
+    n = source.shard_sizes(split, count)[index]
+    first_epoch, offset = divmod(start_example, n)
+    last_epoch = np.iinfo(np.int64).max if num_epochs is None else num_epochs
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        seed_e = tf.constant(host_seed, tf.int64) + e * 1_000_003
+        return base.shuffle(shuffle_buffer, seed=seed_e,
+                            reshuffle_each_iteration=False).enumerate(start=e * n)
+
+    return tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch).skip(offset)
+
+
 def make_dataset(name: str, split: str, *, train: bool, image_size: int,
                  per_host_batch_size: int, data_dir: str | None = None,
                  manual_dir: str | None = None,
@@ -208,11 +245,13 @@ def make_dataset(name: str, split: str, *, train: bool, image_size: int,
                  process_index: int | None = None, process_count: int | None = None,
                  download: bool = False, cache: bool = False,
                  num_parallel_calls: int = tf.data.AUTOTUNE,
-                 prefetch: int = 2) -> tf.data.Dataset:
+                 prefetch: int = 2, start_step: int = 0) -> tf.data.Dataset:
     """Per-host batches {"image" f32 [b,S,S,3], "label" i32 [b], "valid" bool [b], "mask"?}.
 
-    Train: host shard -> shuffle -> repeat(num_epochs; None = forever) -> DeiT augmentation
-    (stateless, seeded per (seed, host, example)) -> batch(drop_remainder=True).
+    Train: host shard -> per-epoch shuffle -> epochs (``num_epochs`` counted from step 0;
+    None = forever) -> DeiT augmentation (stateless, seeded per (seed, host, example index))
+    -> batch(drop_remainder=True). The stream is a pure function of ``seed``: a run resumed
+    with ``start_step`` continues exactly where an uninterrupted one would be.
     Eval: one exact pass; the tail is padded with ``valid=False`` examples and every host
     yields ``num_eval_batches(...)`` batches (the dataset's cardinality). ``keep_mask`` adds
     "mask" uint8 [b,S,S] through the eval geometry (ignored for train).
@@ -228,13 +267,9 @@ def make_dataset(name: str, split: str, *, train: bool, image_size: int,
     host_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
     if train:
-        ds = source.read(split, index, count, shuffle=True, seed=host_seed,
-                         skip_image_decoding=source.jpeg)
-        ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-        if cache:
-            ds = ds.cache()
-        ds = ds.shuffle(shuffle_buffer, seed=host_seed, reshuffle_each_iteration=True)
-        ds = ds.repeat(num_epochs).enumerate()
+        ds = _train_stream(source, split, index, count, host_seed=host_seed, cache=cache,
+                           shuffle_buffer=shuffle_buffer, num_epochs=num_epochs,
+                           start_example=start_step * per_host_batch_size)
         base_seed = tf.constant([seed, index], tf.int64)
 
         def train_map(i: tf.Tensor, ex: dict) -> dict:
@@ -292,8 +327,7 @@ def to_global_batch(batch: Any, mesh_or_sharding: jax.sharding.Mesh | jax.shardi
     """
     sharding = (mesh_or_sharding if isinstance(mesh_or_sharding, jax.sharding.Sharding)
                 else data_sharding(mesh_or_sharding))
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    return parallel.to_global(batch, sharding)
 
 
 def prefetch_to_device(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
