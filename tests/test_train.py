@@ -92,6 +92,30 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    out = _worker(tmp_path / "w", tmp_path / "w.npz", "--kill-at", 6, "--signal", "SIGTERM")
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the step being fetched when the signal arrived is finished, saved, and the run stops
+    assert Checkpointer(str(tmp_path / "w" / "checkpoints")).latest_step() == 7
+    assert not os.path.exists(tmp_path / "w" / "export")
+
+
+def test_init_from_pretrained_params_keeps_a_fresh_head(tmp_path):
+    import saitjax
+    from saitjax.convert import save_params
+
+    donor = saitjax.create_model("vit_test_patch4_32")  # 10 classes: the head does not fit
+    donor_params = donor.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
+    path = save_params(str(tmp_path / "donor.npz"), donor_params, model="vit_test_patch4_32")
+    config = tiny_config(init=path)
+    mesh = parallel.make_mesh()
+    state = train.Run(config, str(tmp_path / "w"), data=tiny_data(mesh, config), mesh=mesh).restore_or_init()
+    params = jax.device_get(state.params)
+    np.testing.assert_array_equal(params["blocks_2"]["mlp"]["fc1"]["kernel"],
+                                  donor_params["blocks_2"]["mlp"]["fc1"]["kernel"])
+    assert params["head"]["kernel"].shape == (32, 4)  # re-initialised for the 4 classes
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

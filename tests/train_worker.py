@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("workdir")
     parser.add_argument("out")
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--signal", default="SIGKILL", help="SIGKILL (preemption) or SIGTERM (polite)")
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
@@ -45,12 +46,12 @@ def main() -> None:
         def killing_batches(start_step):
             for step, batch in enumerate(batches(start_step), start=start_step):
                 if step == args.kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), getattr(signal, args.signal))
                 yield batch
 
         data.train_batches = killing_batches
     result = train.train_and_evaluate(config, args.workdir, data=data)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and result["eval"]:  # a SIGTERM-stopped run has no final eval
         leaves = jax.tree.leaves(jax.device_get(result["state"].params))
         np.savez(args.out, *leaves, top1=result["eval"]["dense"]["top1"])
 
