@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     parallel.initialize_distributed(_DISTRIBUTED.value)  # before any other JAX call
     logging.getLogger().setLevel(logging.INFO)
     from saitjax import train
+    from saitjax.checkpointing import CheckpointMismatchError
 
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     try:
@@ -42,8 +43,7 @@ def main(argv: list[str]) -> int:
             results = train.evaluate_checkpoint(config, workdir)
         else:
             results = train.train_and_evaluate(config, workdir)["eval"]
-    except (ValueError, FileNotFoundError, train.NonFiniteLossError,
-            train.CheckpointMismatchError) as err:
+    except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError) as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2

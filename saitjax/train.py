@@ -12,9 +12,7 @@ import json
 import logging
 import math
 import os
-import re
 import signal
-import time
 from typing import Any, Callable
 
 import jax
@@ -26,8 +24,7 @@ from flax import traverse_util
 
 from saitjax import config as config_lib
 from saitjax import parallel
-from saitjax.checkpointing import (Checkpointer, CheckpointMismatchError, TrainState, abstract_like,
-                                   check_meta_compatible)
+from saitjax.checkpointing import Checkpointer, TrainState, abstract_like, check_meta_compatible
 from saitjax.convert import load_params, save_params
 from saitjax.data.mixing import mixup_cutmix
 from saitjax.evaluate import Evaluator
@@ -209,6 +206,9 @@ class Run:
         self.dummy = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
         self.params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), self.dummy)["params"])
         self.tx, self.schedule = make_optimizer(self.opt_config, self.params_shape)
+        # One evaluator per run: its jitted step (one compilation per density) is reused by
+        # every periodic evaluation instead of being traced and compiled again each time.
+        self.evaluator = Evaluator(model, self.method.eval_densities())
 
     def init_state(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
@@ -248,7 +248,7 @@ class Run:
                                               **dict(config.model_kwargs)), self.mesh)
 
     def evaluate(self, params: Any, step: int, writer: MetricWriter | None = None) -> dict[str, Any]:
-        results = Evaluator(self.model, self.method.eval_densities())(params, self.data.eval_batches())
+        results = self.evaluator(params, self.data.eval_batches())
         if writer is not None:
             writer.write_scalars(step, {f"{key}@{label}": value for label, r in results.items()
                                         for key, value in r.items() if key != "count"}, prefix="eval/")
@@ -279,18 +279,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
     it. ``max_steps`` stops early (tests of interruption), as a kill would.
     """
     run = Run(config, workdir, data, mesh)
-    model, method, ckpt, data = run.model, run.method, run.ckpt, run.data
+    method, ckpt, data = run.method, run.ckpt, run.data
     total_steps, meta = run.total_steps, run.meta
     chief = jax.process_index() == 0
     state = run.restore_or_init()
     teacher_params = run.teacher_params()
-    opt_config, params_shape = run.opt_config, run.params_shape
 
     start_step = int(jax.device_get(state.step))
     if chief:
         os.makedirs(workdir, exist_ok=True)
         _write_config(workdir, config, start_step)
-        logging.info("optimizer param groups:\n%s", param_groups_summary(opt_config, params_shape))
+        logging.info("optimizer param groups:\n%s", param_groups_summary(run.opt_config, run.params_shape))
 
     step_fn = run.jitted_train_step()
     writer = MetricWriter(workdir, is_chief=chief)

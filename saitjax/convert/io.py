@@ -18,8 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from saitjax.convert.timm_deit import (ConversionError, convert_state_dict, expected_param_shapes,
-                                       guess_model_name)
-from saitjax.models.vit import interpolate_pos_embed
+                                       fit_pos_embed, guess_model_name)
 
 META_KEY = "__saitjax_meta__"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -134,8 +133,7 @@ def _check_npz(params, expected, name, strict, model, skip_mismatched=None) -> d
             problems.append(f"unknown parameter {'/'.join(path)} {value.shape}")
         elif tuple(value.shape) != want:
             if path == ("pos_embed",):
-                grid = int(round((want[1] - model.num_prefix_tokens) ** 0.5))
-                flat[path] = np.asarray(interpolate_pos_embed(value, model.num_prefix_tokens, grid))
+                flat[path] = fit_pos_embed(value, model)
                 continue
             if skip_mismatched and re.search(skip_mismatched, "/".join(path)):
                 del flat[path]

@@ -69,6 +69,11 @@ def _target_leaf(parent: tuple[str, ...], leaf: str, expected: Mapping) -> str |
     return None
 
 
+def fit_pos_embed(value: np.ndarray, model: nn.Module) -> np.ndarray:
+    """A ``[1, prefix + g*g, C]`` position embedding resized to ``model``'s patch grid."""
+    return np.asarray(interpolate_pos_embed(jnp.asarray(value), model.num_prefix_tokens, model.grid_size))
+
+
 def _describe(items: list[str], limit: int = 12) -> str:
     shown = "\n    ".join(items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -105,8 +110,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
         value = _to_linen(value, target)
         want = expected[path]
         if path == ("pos_embed",) and value.shape != want and resize_pos_embed and value.ndim == 3:
-            grid = int(round((want[1] - model.num_prefix_tokens) ** 0.5))
-            value = np.asarray(interpolate_pos_embed(jnp.asarray(value), model.num_prefix_tokens, grid))
+            value = fit_pos_embed(value, model)
         if tuple(value.shape) != want:
             if skip_mismatched and re.search(skip_mismatched, "/".join(path)):
                 continue
