@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from saitjax.sparsity import SparsityError, parse_density
+from saitjax.sparsity import SparsityError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,8 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
         lr_per_512=5e-4, lr=-1.0, min_lr=1e-6, warmup_steps=-1, warmup_epochs=5.0,
         weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0,
         frozen=(), lr_multipliers=(), frozen_until_epoch=()))
+    # densities: evaluated at every evaluation. sweep: densities of the final density sweep
+    # (table, Pareto plot, kept-token pictures; empty = no sweep), timed at sweep_batch_sizes.
     c.eval = ml_collections.ConfigDict(dict(every_steps=1000, batch_size=256, densities=("dense",),
-                                            keep_mask=False))
+                                            keep_mask=False, sweep=(), sweep_batch_sizes=(1, 32)))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
     c.log_every_steps = 50
     c.seed = 0
@@ -119,11 +121,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.teacher in ("", "init") or c.teacher.endswith((".npz", ".safetensors", ".pth", ".pt")),
              f"teacher={c.teacher!r}: use '', 'init' or a params file")
     _require(c.teacher != "init" or bool(c.init), "teacher='init' needs config.init (the weights to copy)")
-    for text in c.eval.densities:
+    _require(all(b > 0 for b in c.eval.sweep_batch_sizes), "eval.sweep_batch_sizes must be positive")
+    method = METHODS[c.method](c, model)  # validates method_kwargs
+    for text in tuple(c.eval.densities) + tuple(c.eval.sweep):
         try:
-            parse_density(text).check_depth(model.depth)
+            for _, spec in method.eval_densities((text,)):  # parsed at the method's locations
+                spec.check_depth(model.depth)
         except SparsityError as err:
-            raise ValueError(f"invalid config: eval.densities entry {text!r}: {err}") from None
+            raise ValueError(f"invalid config: eval.densities/eval.sweep entry {text!r}: {err}") from None
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

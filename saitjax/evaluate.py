@@ -29,6 +29,10 @@ def eval_sums(model: Any, params: Any, batch: dict[str, Array], spec: SparsitySp
     if aux.get("keep_masks"):
         kept = aux["keep_masks"][-1]  # [B, N_patches] after the last stage
         sums["kept_fraction"] = jnp.sum(jnp.mean(kept, axis=-1) * valid)
+        for stage, stage_mask in enumerate(aux["keep_masks"]):
+            sums[f"kept_fraction_s{stage}"] = jnp.sum(jnp.mean(stage_mask, axis=-1) * valid)
+        if "capacity" in aux:  # SaiT capacity bucket the batch ran in (tokens), per example
+            sums["capacity"] = jnp.sum(aux["capacity"].astype(jnp.float32) * valid)
         if "mask" in batch:  # object masks of the generated dataset: where do kept tokens fall?
             obj = object_patches(batch["mask"], model.patch_size)
             bg = 1.0 - obj
@@ -68,7 +72,7 @@ class Evaluator:
                 raise ValueError("evaluation saw no valid example: is the eval split empty?")
             results[label] = {"top1": float(acc["correct"]) / count, "loss": float(acc["loss"]) / count,
                               "count": count}
-            for key in ("kept_fraction", "kept_object", "kept_background"):
-                if key in acc:
+            for key in acc:
+                if key.startswith(("kept_", "capacity")):
                     results[label][key] = float(acc[key]) / count
         return results

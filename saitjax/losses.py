@@ -40,3 +40,19 @@ def weighted_mean(values: Array, weights: Array | None = None) -> Array:
 def correct_top1(logits: Array, labels: Array) -> Array:
     """``[B]`` 0/1 float: is the arg-max class the label?"""
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def masked_kl(target: Array, scores: Array, alive: Array, eps: float = 1e-8) -> Array:
+    """``KL(p || q)`` per row between two non-negative score maps restricted to ``alive`` tokens.
+
+    Both ``target`` and ``scores`` (``[B, N]``) are renormalised over the alive tokens; ``eps``
+    keeps the log finite where a score is exactly zero. Mean over the batch.
+    """
+    alive = alive.astype(jnp.float32)
+
+    def normalise(x: Array) -> Array:
+        x = x.astype(jnp.float32) * alive
+        return x / jnp.maximum(jnp.sum(x, axis=-1, keepdims=True), eps)
+
+    p, q = normalise(target), normalise(scores)
+    return jnp.mean(jnp.sum(p * (jnp.log(p + eps) - jnp.log(q + eps)), axis=-1))

@@ -4,6 +4,7 @@
     python -m saitjax.main --config configs/deit_small_imagenet.py:epochs=30 --workdir DIR \
         --config.batch_size=512 --config.data.manual_dir=/data/imagenet
     python -m saitjax.main --config configs/demo.py --workdir /tmp/demo --mode eval
+    python -m saitjax.main --config configs/demo.py --workdir /tmp/demo --mode sweep
 
 The same command runs on one machine or on every host of a TPU slice / GPU cluster
 (``--distributed``, or auto-detected from SLURM/Open MPI/TPU environment variables).
@@ -22,7 +23,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py:arg",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate only")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep"],
+                          "train (and evaluate), evaluate only, or sweep densities (config.eval.sweep) "
+                          "of the latest checkpoint")
 _DISTRIBUTED = flags.DEFINE_boolean("distributed", None,
                                     "call jax.distributed.initialize() (default: auto-detect)")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -41,6 +44,8 @@ def main(argv: list[str]) -> int:
     try:
         if _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, workdir)
+        elif _MODE.value == "sweep":
+            results = train.sweep_checkpoint(config, workdir)
         else:
             results = train.train_and_evaluate(config, workdir)["eval"]
     except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError) as err:

@@ -161,7 +161,8 @@ class SparsitySpec:
     @property
     def is_dense(self) -> bool:
         return self.rule == "skip" or not self.locations or (
-            self.rule == "topk" and all(r == 1.0 for r in self.keep_ratios))
+            self.rule == "topk" and all(r == 1.0 for r in self.keep_ratios)) or (
+            self.rule == "mass" and self.threshold >= 1.0)
 
     @property
     def is_adaptive(self) -> bool:

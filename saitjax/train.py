@@ -200,6 +200,7 @@ class Run:
         if self.latest is not None:
             check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
         self.total_steps, warmup, steps_per_epoch = durations(config, data.num_train_examples)
+        self.method.bind_schedule(self.total_steps, steps_per_epoch)
         self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
         self.replicated = parallel.replicated(self.mesh)
         parallel.check_batch_size(config.batch_size, self.mesh)
@@ -255,6 +256,36 @@ class Run:
         logging.info("eval at step %d: %s", step, "  ".join(
             f"{label}: top1 {r['top1']:.4f}" for label, r in results.items()))
         return results
+
+
+    def sweep(self, params: Any, step: int) -> list[dict[str, Any]]:
+        """The density sweep of ``config.eval.sweep`` into ``workdir/sweep_step{step}/``."""
+        from saitjax.sweep import run_sweep
+
+        config = self.config
+        out_dir = os.path.join(self.workdir, f"sweep_step{step}")
+        rows = run_sweep(self.model, params, self.data.eval_batches(), self.method.eval_densities(config.eval.sweep),
+                         out_dir, mean=config.data.mean, std=config.data.std,
+                         timing_batch_sizes=tuple(config.eval.sweep_batch_sizes),
+                         title=f"{config.model}: one checkpoint (step {step}), every density")
+        logging.info("density sweep written to %s:\n%s", out_dir,
+                     open(os.path.join(out_dir, "sweep.md"), encoding="utf-8").read())
+        return rows
+
+
+def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> list[dict[str, Any]]:
+    """``--mode sweep``: the density sweep of the workdir's latest checkpoint."""
+    if not config.eval.sweep:
+        raise ValueError("config.eval.sweep is empty: give the densities to sweep, e.g. "
+                         "--config.eval.sweep='(\"dense\", \"mass:0.9\")'")
+    run = Run(config, workdir, data, mesh)
+    if run.latest is None:
+        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to sweep; train first")
+    state = run.restore_or_init()
+    rows = run.sweep(state.params, run.latest)
+    run.ckpt.close()
+    return rows
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
@@ -314,7 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
                 f"loss or gradient became NaN/inf at step {bad[0]} (checked steps {last_checked + 1}-"
                 f"{step}); no checkpoint of that state was written (last checkpoint: step "
                 f"{ckpt.latest_step()}). Lower optim.lr, enable optim.grad_clip_norm, or check the data.")
-        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
+        # Steps at different densities may report different terms (e.g. SaiT's dense warm-up):
+        # average each key over the steps that have it.
+        keys = sorted({k for m in fetched for k in m} - {"finite"})
+        scalars = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
         writer.write_scalars(step, scalars, prefix="train/")
         progress.update(step, loss=scalars["loss"], lr=fetched[-1]["lr"])
         pending, last_checked = [], step
@@ -353,6 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
                 plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
                                      os.path.join(workdir, "training_curves.png"),
                                      title=f"{config.model} ({config.method})")
+        if config.eval.sweep:
+            with progress.paused():
+                run.sweep(state.params, step)
     writer.close()
     ckpt.close()
     return {"step": step, "eval": results, "state": state}

@@ -1,8 +1,9 @@
 """Training methods, by config name."""
 
 from saitjax.methods.base import Method
+from saitjax.methods.sait import SaiTMethod
 
-METHODS: dict[str, type[Method]] = {"dense": Method}
+METHODS: dict[str, type[Method]] = {"dense": Method, "sait": SaiTMethod}
 
 
 def build_method(config, model) -> Method:

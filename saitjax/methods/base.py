@@ -42,6 +42,10 @@ class Method:
             raise ValueError("invalid config: method_kwargs.distill_weight > 0 needs a teacher "
                              "(config.teacher = 'init' or a params file)")
 
+    def bind_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the trainer once durations are known (methods with epoch-based phases)."""
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+
     @property
     def uses_teacher(self) -> bool:
         return self.kw["distill_weight"] > 0
@@ -50,13 +54,15 @@ class Method:
         """The (static) sparsity of training step ``step``; the same on every host."""
         return SparsitySpec.dense()
 
-    def eval_densities(self) -> list[tuple[str, SparsitySpec]]:
-        """``(label, spec)`` pairs evaluated at each evaluation."""
+    def eval_densities(self, texts: tuple[str, ...] | None = None) -> list[tuple[str, SparsitySpec]]:
+        """``(label, spec)`` pairs evaluated at each evaluation (or of the density strings ``texts``)."""
         locations = getattr(self, "locations", None) or (3, 6, 9)
+        bucket_kw = {"buckets": self.buckets} if getattr(self, "buckets", None) else {}
         out = []
-        for text in self.config.eval.densities:
-            spec = parse_density(text, locations)
-            out.append((spec.describe(), spec))
+        for text in self.config.eval.densities if texts is None else texts:
+            spec = parse_density(text, locations, **bucket_kw)
+            if spec.describe() not in dict(out):
+                out.append((spec.describe(), spec))
         return out
 
     def loss(self, params: Any, images: Array, targets: Array, *, spec: SparsitySpec,

@@ -104,6 +104,16 @@ def masked_softmax(logits: Array, keep: Array | None, eps: float = 0.0) -> Array
     return (e + eps / n) / (jnp.sum(e, axis=-1, keepdims=True) + eps)
 
 
+def head_importance(head_outputs: Array) -> Array:
+    """AS-ViT's token-level head importance ``[B, H, N]`` from per-head outputs ``[B, H, N, d]``.
+
+    ``I[h, j] = |O^h_j| / (sum_h' |O^h'_j| + 1e-8)``: how much of token ``j``'s attention output
+    comes from head ``h``. Weighting CLS attention by it discounts heads that carry little signal.
+    """
+    norms = jnp.linalg.norm(head_outputs.astype(jnp.float32), axis=-1)
+    return norms / (jnp.sum(norms, axis=1, keepdims=True) + 1e-8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Straight-through estimators
 # ----------------------------------------------------------------------------------------------

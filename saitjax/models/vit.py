@@ -78,6 +78,7 @@ class Attention(nn.Module):
 
     num_heads: int
     qkv_bias: bool = True
+    head_weighting: str = "mean"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -89,9 +90,13 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # each [B, H, N, d]
         logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
         attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N]
-        out = (attn.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, c)
-        out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
-        return out, attn[:, :, 0, :]
+        heads = attn.astype(v.dtype) @ v  # [B, H, N, d]
+        out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
+            heads.transpose(0, 2, 1, 3).reshape(b, n, c))
+        cls_attn = attn[:, :, 0, :]
+        if self.head_weighting == "importance":
+            cls_attn = cls_attn * token_ops.head_importance(heads)
+        return out, cls_attn
 
 
 class Mlp(nn.Module):
@@ -110,19 +115,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; also returns the CLS query's attention ``[B, H, N]``."""
+    """Pre-norm transformer block; also returns the CLS query's attention ``[B, H, N]``.
+
+    With ``head_weighting="importance"`` each head's CLS attention is weighted by the head's
+    importance for the key token (AS-ViT), so that summing over heads gives AS-ViT's score.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    head_weighting: str = "mean"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, keep: Array | None, train: bool) -> tuple[Array, Array]:
         drop_path = DropPath(self.drop_path_rate)
-        y, cls_attn = Attention(self.num_heads, self.qkv_bias, self.dtype, name="attn")(
+        y, cls_attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype, name="attn")(
             nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x), keep)
         y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
         x = x + drop_path(y, train)
@@ -152,6 +162,9 @@ class VisionTransformer(nn.Module):
     distilled: bool = False
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # How the CLS attention that scores tokens combines heads: "mean" (plain head average) or
+    # "importance" (AS-ViT: each head weighted by the norm of its output at the key token).
+    head_weighting: str = "mean"
     dtype: Any = jnp.float32
 
     # -- static geometry ---------------------------------------------------------------------
@@ -188,6 +201,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_weighting not in ("mean", "importance"):
+            raise ValueError(f"head_weighting={self.head_weighting!r}: choose 'mean' or 'importance'")
         c = self.embed_dim
         self.patch_embed = PatchEmbed(self.patch_size, c, self.dtype)
         self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c))
@@ -197,7 +212,7 @@ class VisionTransformer(nn.Module):
                                     (1, self.num_prefix_tokens + self.num_patches, c))
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         self.blocks = [Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
-                             self.dtype) for rate in rates]
+                             self.head_weighting, self.dtype) for rate in rates]
         self.norm = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
         self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)
         if self.distilled:
@@ -240,14 +255,22 @@ class VisionTransformer(nn.Module):
         state = TokenState(x, None, jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32),
                                                      (b, self.num_patches)))
         aux: Aux = {"keep_masks": (), "keep_indices": ()}
+        return self.run_blocks(state, None, spec, train, aux, start=0)
+
+    def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
+                   aux: Aux, start: int = 0, select_at_start: bool = True) -> tuple[Array, Aux]:
+        """Blocks ``start..depth-1`` (pruning before each location of ``spec``), then the head.
+
+        ``select_at_start=False`` skips the selection before block ``start`` (the caller already
+        pruned there, e.g. SaiT's capacity-bucket branches).
+        """
         stages = {} if spec.is_dense else {loc: s for s, loc in enumerate(spec.locations)}
-        cls_attn = None
-        for i, block in enumerate(self.blocks):
-            if i in stages:
+        for i in range(start, self.depth):
+            if i in stages and (i != start or select_at_start):
                 state, stage_aux = self.select_tokens(stages[i], state, cls_attn, spec, train)
                 for key, value in stage_aux.items():
                     aux[key] = aux.get(key, ()) + (value,)
-            x, cls_attn = block(state.x, state.keep, train)
+            x, cls_attn = self.blocks[i](state.x, state.keep, train)
             state = state.replace(x=x)
         return self.classify(state, cls_attn, aux)
 
@@ -264,8 +287,9 @@ class VisionTransformer(nn.Module):
     # -- pruning hook ----------------------------------------------------------------------------
 
     def token_scores(self, state: TokenState, cls_attn: Array) -> Array:
-        """Importance of each current patch token ``[B, N_cur]``: head-mean CLS attention."""
-        scores = jnp.mean(cls_attn[:, :, self.num_prefix_tokens:], axis=1)
+        """Importance of each current patch token ``[B, N_cur]``: head-combined CLS attention,
+        renormalised over the patch tokens (it sums to 1 per image)."""
+        scores = jnp.sum(cls_attn[:, :, self.num_prefix_tokens:], axis=1)
         return scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-12)
 
     def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,

@@ -1,0 +1,162 @@
+"""SaiT: adaptive per-image token pruning on an unchanged ViT/DeiT (saitjax's reading, methods.md §2.3).
+
+SaiT adds no parameters: any dense checkpoint loads and can be pruned. At a pruning location the
+token importance score (TIS) of each patch token is the CLS attention of the previous block,
+combined over heads (``head_weighting``: mean, or AS-ViT importance weighting) and renormalised
+to sum to 1 over the patch tokens. A keep rule turns TIS into a per-image count ``K_b``:
+
+* ``mass``  - the smallest top-scored set whose TIS sum reaches ``m`` (``m >= 1`` is dense);
+* ``value`` - every token with ``TIS >= theta / N_alive``;
+* ``topk``  - a fixed fraction of the original tokens (static counts, the base class);
+* ``skip``  - no pruning: exactly the dense computation, so density 1.0 has no accuracy drop.
+
+``K_b`` is clamped to ``[K_min, K_max]`` of the spec. Counts are data dependent, shapes are not:
+
+* ``mode="mask"`` (training, and the reference for tests): all tokens stay; pruned keys are
+  hidden from attention.
+* ``mode="gather"`` (inference): at the first location the batch picks the smallest capacity
+  bucket holding its largest ``K_b`` (``lax.switch`` inside the jitted function, one compiled
+  function per spec whatever the batch), gathers that many top-scored tokens, and masks the
+  padding slots of images that need fewer. Later locations refine the validity mask inside
+  the bucket (a nested switch would multiply the compiled branches).
+
+In gather mode the branches must return identical shapes, so ``aux["tokens"]`` and
+``aux["cls_attn"]`` are scattered back to the full grid (zeros at pruned tokens) and
+``aux["capacity"]`` says which bucket ran. Every rule reports per-stage ``keep_masks``,
+``kept_counts`` and ``token_scores`` (TIS on the original grid; used by token-selection KD).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from saitjax.models import token_ops
+from saitjax.models.deit import DEIT_SIZES
+from saitjax.models.registry import register_model
+from saitjax.models.vit import Aux, TokenState, VisionTransformer
+from saitjax.sparsity import SparsityError, SparsitySpec
+
+Array = jax.Array
+
+
+def adaptive_counts(scores: Array, alive: Array, spec: SparsitySpec, bounds: tuple[int, int]) -> Array:
+    """Per-image keep counts ``[B]`` of a ``mass``/``value`` rule over the ``alive`` tokens.
+
+    ``scores [B, N]`` are non-negative TIS (zero where not alive); ``alive [B, N]`` is 0/1. The
+    count is clamped to ``bounds`` and never exceeds the number of alive tokens.
+    """
+    alive = alive.astype(jnp.float32)
+    probs = scores * alive
+    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-12)
+    n_alive = jnp.sum(alive, axis=-1).astype(jnp.int32)
+    if spec.rule == "mass":
+        counts = token_ops.mass_keep_counts(probs, spec.threshold)
+    elif spec.rule == "value":
+        cut = spec.threshold / jnp.maximum(n_alive, 1).astype(jnp.float32)
+        counts = jnp.sum((probs >= cut[:, None]) & (alive > 0), axis=-1).astype(jnp.int32)
+    else:
+        raise SparsityError(f"rule {spec.rule!r} has no per-image count")
+    lo, hi = bounds
+    return jnp.minimum(jnp.maximum(counts, lo), jnp.minimum(hi, n_alive)).astype(jnp.int32)
+
+
+class SaiT(VisionTransformer):
+    """A ViT/DeiT whose tokens are pruned per image by CLS-attention importance; no new weights."""
+
+    # Density used when ``__call__`` gets no spec: dense (``skip``). Densities are chosen per call.
+
+    def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,
+                      train: bool) -> tuple[TokenState, Aux]:
+        scores = self.token_scores(state, cls_attn)
+        grid_scores = token_ops.scatter_to_grid(scores, state.patch_index, self.num_patches)
+        if not spec.is_adaptive:  # fixed counts: the parameter-free top-k of the base class
+            new, stage_aux = super().select_tokens(stage, state, cls_attn, spec, train)
+            counts = jnp.sum(stage_aux["keep_masks"], axis=-1).astype(jnp.int32)
+            return new, {**stage_aux, "kept_counts": counts, "token_scores": grid_scores}
+        # Adaptive rule on the current tokens (all tokens in mask mode; the bucket's tokens in
+        # gather mode): rank the alive tokens, keep each image's best K_b.
+        p = self.num_prefix_tokens
+        alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
+        counts = adaptive_counts(scores, alive, spec, spec.count_bounds(self.num_patches))
+        idx, valid = token_ops.capacity_select(jnp.where(alive > 0, scores, -1.0), counts, scores.shape[-1])
+        keep_patches = token_ops.indices_to_mask(idx, scores.shape[-1], valid)
+        keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
+        mask = token_ops.indices_to_mask(state.patch_index, self.num_patches, keep_patches)
+        return state.replace(keep=keep), {"keep_masks": mask, "kept_counts": counts,
+                                          "token_scores": grid_scores}
+
+    def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
+                   aux: Aux, start: int = 0, select_at_start: bool = True) -> tuple[Array, Aux]:
+        bucketed = spec.is_adaptive and spec.mode == "gather" and not spec.is_dense
+        first = spec.locations[0] if bucketed else -1
+        if not bucketed or start > first or (start == first and not select_at_start):
+            return super().run_blocks(state, cls_attn, spec, train, aux, start, select_at_start)
+        for i in range(start, first):  # dense blocks before the first location
+            x, cls_attn = self.blocks[i](state.x, state.keep, train)
+            state = state.replace(x=x)
+        scores = self.token_scores(state, cls_attn)
+        counts = adaptive_counts(scores, jnp.ones(scores.shape, jnp.float32), spec,
+                                 spec.count_bounds(self.num_patches))
+        capacities = spec.bucket_capacities(self.num_patches)
+        bucket = token_ops.choose_bucket(counts, capacities)
+        branches = [functools.partial(_run_bucket, capacity=cap, spec=spec, train=train)
+                    for cap in capacities]
+        return nn.switch(bucket, branches, self, state, cls_attn, scores, counts, aux)
+
+
+def _run_bucket(mdl: SaiT, state: TokenState, cls_attn: Array, scores: Array, counts: Array, aux: Aux,
+                *, capacity: int, spec: SparsitySpec, train: bool) -> tuple[Array, Aux]:
+    """One capacity bucket: gather the top ``capacity`` tokens, mask each image's surplus, finish."""
+    p, n = mdl.num_prefix_tokens, mdl.num_patches
+    idx, valid = token_ops.capacity_select(scores, counts, capacity)
+    patch_index = token_ops.batched_gather(state.patch_index, idx)
+    keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), valid.astype(jnp.float32)], axis=1)
+    new = TokenState(token_ops.select_tokens(state.x, idx, p), keep, patch_index)
+    aux = dict(aux)
+    stage_aux = {"keep_masks": token_ops.indices_to_mask(patch_index, n, valid), "kept_counts": counts,
+                 "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, n)}
+    for key, value in stage_aux.items():
+        aux[key] = aux.get(key, ()) + (value,)
+    logits, aux = mdl.run_blocks(new, cls_attn, spec, train, aux, start=spec.locations[0],
+                                 select_at_start=False)
+    # Identical output shapes in every branch: put per-token outputs back on the full grid.
+    tokens, final_index = aux["tokens"], aux["patch_index"]
+    aux["tokens"] = jnp.concatenate(
+        [tokens[:, :p], token_ops.scatter_to_grid(tokens[:, p:], final_index, n)], axis=1)
+    attn = jnp.swapaxes(aux["cls_attn"], 1, 2)  # [B, N, H]
+    aux["cls_attn"] = jnp.swapaxes(jnp.concatenate(
+        [attn[:, :p], token_ops.scatter_to_grid(attn[:, p:], final_index, n)], axis=1), 1, 2)
+    aux["patch_index"] = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (scores.shape[0], n))
+    aux["capacity"] = jnp.asarray(capacity, jnp.int32)
+    aux.pop("keep_indices", None)
+    return logits, aux
+
+
+def _register_sait() -> None:
+    for size, (dim, heads) in DEIT_SIZES.items():
+        for distilled in (False, True):
+            tag = "_distilled" if distilled else ""
+            name = f"sait_deit_{size}{tag}_patch16_224"
+            register_model(
+                name, SaiT,
+                f"SaiT on DeiT-{size[0].upper()}{' distilled' if distilled else ''}: adaptive "
+                "per-image pruning, no extra weights (loads dense DeiT checkpoints)",
+                timm_name=f"deit_{size}{tag}_patch16_224", tags=("sait",) + (("distilled",) if distilled else ()),
+                img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
+                num_classes=1000, distilled=distilled)
+    register_model("sait_test_patch4_32", SaiT, "test-size SaiT (geometry of vit_test_patch4_32)",
+                   tags=("sait", "test"), img_size=32, patch_size=4, embed_dim=32, depth=4,
+                   num_heads=2, num_classes=10)
+    register_model("sait_test_distilled_patch4_32", SaiT, "test-size distilled SaiT (CLS + distillation token)",
+                   tags=("sait", "test", "distilled"), img_size=32, patch_size=4, embed_dim=32,
+                   depth=4, num_heads=2, num_classes=10, distilled=True)
+    register_model("sait_demo_patch8_64", SaiT, "demo SaiT (geometry of vit_demo_patch8_64)",
+                   tags=("sait", "demo"), img_size=64, patch_size=8, embed_dim=96, depth=4,
+                   num_heads=3, num_classes=8)
+
+
+_register_sait()

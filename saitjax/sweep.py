@@ -1,0 +1,156 @@
+"""Density sweep: one checkpoint, every density, one table, a Pareto plot and kept-token pictures.
+
+SaiT's promise is that one set of weights serves every density, switched at ``apply`` time. The
+sweep checks it: for each density it measures top-1 on the whole eval split, the mean number of
+kept tokens per stage, analytic GMACs at those mean counts, which fraction of object and of
+background patches survive (when the data carries object masks), and measured img/s at batch 1
+and at a serving batch (adaptive rules run in capacity buckets, so batch size matters). It writes
+``sweep.json``, ``sweep.md``, ``pareto.png`` and ``kept_tokens.png`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saitjax.evaluate import Evaluator
+from saitjax.flops import analytic_gmacs
+from saitjax.sparsity import SparsitySpec
+
+Array = jax.Array
+
+
+def mean_token_schedule(model: Any, spec: SparsitySpec, stage_fractions: Sequence[float]) -> list[float]:
+    """Mean tokens entering each block, given the mean kept fraction after each stage."""
+    n, p = model.num_patches, model.num_prefix_tokens
+    counts = {} if spec.is_dense else {loc: f * n for loc, f in zip(spec.locations, stage_fractions)}
+    schedule, current = [], float(n)
+    for i in range(model.depth):
+        current = counts.get(i, current)
+        schedule.append(current + p)
+    return schedule
+
+
+def local_numpy(batch: dict[str, Array]) -> dict[str, np.ndarray]:
+    """This process's part of a global batch, on the host."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            shards = sorted(value.addressable_shards, key=lambda s: s.index[0].start or 0)
+            out[key] = np.concatenate([np.asarray(s.data) for s in shards])
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def forward_fn(model: Any, spec: SparsitySpec):
+    """Jitted ``(params, images) -> (logits, final keep mask [B, N_patches])`` at ``spec``."""
+
+    def forward(params, images):
+        logits, aux = model.apply({"params": params}, images, sparsity=spec)
+        masks = aux.get("keep_masks")
+        keep = masks[-1] if masks else jnp.ones((images.shape[0], model.num_patches), jnp.float32)
+        return logits, keep
+
+    return jax.jit(forward)
+
+
+def measure_img_per_s(fn: Any, params: Any, images: np.ndarray, batch_size: int,
+                      runs: int = 3) -> float:
+    """Median img/s of ``fn`` over ``images`` in chunks of ``batch_size`` (compile excluded)."""
+    n = (len(images) // batch_size) * batch_size
+    if n == 0:
+        return float("nan")
+    chunks = [jax.device_put(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+    jax.block_until_ready(fn(params, chunks[0]))  # compile + warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for chunk in chunks:
+            jax.block_until_ready(fn(params, chunk))
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
+def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
+              densities: Sequence[tuple[str, SparsitySpec]], out_dir: str, *,
+              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+              timing_batch_sizes: Sequence[int] = (1, 32), timing_images: int = 64,
+              picture_images: int = 8, title: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``params`` at every density and write the table and plots; returns the rows."""
+    from saitjax.viz import plot_kept_tokens, plot_pareto
+
+    batches = list(eval_batches)
+    results = Evaluator(model, list(densities))(params, batches)
+    sample = local_numpy(batches[0])
+    valid = sample["valid"] > 0
+    images = sample["image"][valid]
+    rows = []
+    chief = jax.process_index() == 0
+    shown = images[:max(picture_images, max(timing_batch_sizes))]
+    masks = []
+    for label, spec in densities:
+        r = results[label]
+        stages = len(spec.locations) if not spec.is_dense else 0
+        fractions = [r.get(f"kept_fraction_s{s}", 1.0) for s in range(stages)]
+        row = {"density": label, "top1": r["top1"], "loss": r["loss"],
+               "kept_fraction": r.get("kept_fraction", 1.0),
+               "kept_tokens": r.get("kept_fraction", 1.0) * model.num_patches,
+               "stage_kept_fractions": fractions,
+               "gmacs": analytic_gmacs(model, spec, mean_token_schedule(model, spec, fractions))}
+        for key in ("kept_object", "kept_background", "capacity"):
+            if key in r:
+                row[key] = r[key]
+        fn = forward_fn(model, spec)  # one compilation per (density, batch size), shared below
+        for bs in timing_batch_sizes:
+            row[f"img_per_s_bs{bs}"] = measure_img_per_s(fn, params, images[:timing_images], bs)
+        masks.append(np.asarray(fn(params, shown)[1])[:picture_images])
+        rows.append(row)
+    dense = next((row for row in rows if row["density"] == "dense"), rows[0])
+    for row in rows:
+        row["gmacs_ratio"] = row["gmacs"] / dense["gmacs"]
+        row["top1_delta"] = row["top1"] - dense["top1"]
+        for bs in timing_batch_sizes:
+            row[f"speedup_bs{bs}"] = row[f"img_per_s_bs{bs}"] / dense[f"img_per_s_bs{bs}"]
+    if not chief:  # every process evaluated (collectives); one writes
+        return rows
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(out_dir, "sweep.md"), "w", encoding="utf-8") as f:
+        f.write(sweep_table(rows, timing_batch_sizes) + "\n")
+
+    speed_key = f"img_per_s_bs{max(timing_batch_sizes)}"
+    plot_pareto([{**row, "img_per_s": row[speed_key]} for row in rows], os.path.join(out_dir, "pareto.png"),
+                x="gmacs", y="top1", label="density", title=title or "accuracy vs compute, one checkpoint")
+    pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+    plot_kept_tokens(pixels, masks, [label for label, _ in densities],
+                     os.path.join(out_dir, "kept_tokens.png"), patch_size=model.patch_size,
+                     max_images=picture_images)
+    return rows
+
+
+def sweep_table(rows: list[dict[str, Any]], timing_batch_sizes: Sequence[int] = (1, 32)) -> str:
+    """Markdown table of a sweep (one row per density)."""
+    speed_cols = "".join(f" img/s bs{bs} (speedup) |" for bs in timing_batch_sizes)
+    has_object = any("kept_object" in r for r in rows)
+    header = ("| density | top-1 | Δ top-1 | kept tokens (mean) | GMACs | FLOP ratio |"
+              + (" object kept | background kept |" if has_object else "") + speed_cols)
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['density']} | {100 * r['top1']:.2f} % | {100 * r['top1_delta']:+.2f} | "
+                f"{r['kept_tokens']:.1f} | {r['gmacs']:.4f} | {r['gmacs_ratio']:.3f} |")
+        if has_object:
+            obj, bg = r.get("kept_object"), r.get("kept_background")
+            line += (f" {100 * obj:.1f} % | {100 * bg:.1f} % |" if obj is not None else " | |")
+        for bs in timing_batch_sizes:
+            line += f" {r[f'img_per_s_bs{bs}']:.0f} ({r[f'speedup_bs{bs}']:.2f}x) |"
+        lines.append(line)
+    return "\n".join(lines)
