@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import saitjax
-from saitjax.flops import analytic_gmacs, xla_flops
-from saitjax.sparsity import SparsityError, SparsitySpec, parse_keep
+from saitjax.flops import analytic_gmacs, mean_token_schedule, xla_flops
+from saitjax.sparsity import SparsityError, SparsitySpec, parse_density, parse_keep
 
 
 def _environment() -> dict[str, Any]:
@@ -45,6 +45,7 @@ class Variant:
         self.label, self.call, self.compile_s = label, call, compile_s
         self.gmacs, self.gflops_xla, self.spec, self.framework = gmacs, gflops_xla, spec, framework
         self.times: list[float] = []
+        self.extra: dict[str, Any] = {}
 
     def time_once(self) -> None:
         start = time.perf_counter()
@@ -57,9 +58,23 @@ def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
     start = time.perf_counter()
     compiled = fn.lower(params, images).compile()
     compile_s = time.perf_counter() - start
-    return Variant(spec.describe(), lambda: compiled(params, images).block_until_ready(), compile_s,
-                   analytic_gmacs(model, spec), xla_flops(compiled) / images.shape[0] / 1e9,
-                   spec.describe())
+    extra: dict[str, Any] = {}
+    if spec.is_adaptive:  # per-image counts: FLOPs at the measured mean count, and what ran
+        aux = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[1])(params, images)
+        fractions = [float(jnp.mean(m)) for m in aux["keep_masks"]]
+        gmacs = analytic_gmacs(model, spec, mean_token_schedule(model, spec, fractions))
+        extra = {"kept_tokens_mean": fractions[-1] * model.num_patches,
+                 "kept_tokens_per_stage": [f * model.num_patches for f in fractions]}
+        if "capacity" in aux:  # every block from the first location runs at the bucket's capacity
+            capacity = int(aux["capacity"])
+            extra.update(capacity=capacity, gmacs_executed=analytic_gmacs(
+                model, spec, mean_token_schedule(model, spec, [capacity / model.num_patches] * len(fractions))))
+    else:
+        gmacs = analytic_gmacs(model, spec)
+    variant = Variant(spec.describe(), lambda: compiled(params, images).block_until_ready(), compile_s,
+                      gmacs, xla_flops(compiled) / images.shape[0] / 1e9, spec.describe())
+    variant.extra = extra
+    return variant
 
 
 def timm_variant(timm_name: str, images: np.ndarray) -> Variant:
@@ -120,6 +135,7 @@ def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, r
                    "speedup_vs_first": base_ms / ms, "runs": runs, **env}
             if v.framework == "saitjax":
                 row["flop_ratio_vs_first"] = v.gmacs / base.gmacs
+            row.update(v.extra)
             rows.append(row)
             log(_format_row(row))
     return rows
@@ -129,6 +145,8 @@ def _format_row(row: dict[str, Any]) -> str:
     flops = (f"{row['gmacs_analytic']:6.2f} GMACs  {row['gflops_xla']:6.2f} GFLOPs(XLA)"
              if row["framework"] == "saitjax" else f"{'':34s}")
     ratio = f"flop ratio {row['flop_ratio_vs_first']:.3f}" if "flop_ratio_vs_first" in row else ""
+    if "capacity" in row:
+        ratio += f"  kept {row['kept_tokens_mean']:.1f} tokens (mean), bucket {row['capacity']}"
     return (f"{row['framework']:12s} bs {row['batch_size']:3d}  {row['spec']:28s} "
             f"{row['img_per_s']:8.1f} img/s {row['ms_per_batch']:9.1f} ms  compile {row['compile_s']:5.1f} s  "
             f"{flops}  speedup {row['speedup_vs_first']:.2f}x  {ratio}")
@@ -142,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="append", default=[],
                         help="sparse variant(s) to compare with dense: rho (0.7 = 0.7/0.49/0.343) or "
                              "explicit ratios 0.7,0.49,0.343; repeat the flag for several")
+    parser.add_argument("--density", action="append", default=[],
+                        help="sparse variant(s) as density strings, e.g. mass:0.9@3 (SaiT, per-image "
+                             "counts in capacity buckets), value:1.0@3, topk:0.7@3/6/9; repeatable")
     parser.add_argument("--locations", default="3,6,9", help="prune before these blocks (0-based)")
     parser.add_argument("--params", default=None, help="params .npz/.safetensors (default: random init)")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant (median reported)")
@@ -154,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
         locations = tuple(int(l) for l in args.locations.split(","))
-        specs = [SparsitySpec.dense()] + [parse_keep(k, locations) for k in args.keep]
+        specs = ([SparsitySpec.dense()] + [parse_keep(k, locations) for k in args.keep]
+                 + [parse_density(d, locations) for d in args.density])
         print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs; "
               f"{_environment()}")
         rows = run(args.model, batch_sizes, specs, runs=args.runs, warmup=args.warmup,

@@ -49,6 +49,21 @@ def analytic_gmacs(model: Any, spec: SparsitySpec | None = None,
     return macs / 1e9
 
 
+def mean_token_schedule(model: Any, spec: SparsitySpec, stage_fractions: Sequence[float]) -> list[float]:
+    """Mean tokens entering each block given the mean kept fraction after each stage.
+
+    For adaptive (per-image) rules; pass it to :func:`analytic_gmacs` as ``tokens_per_block``.
+    GMACs at the mean count slightly understate the attention term (``E[N^2] >= E[N]^2``).
+    """
+    n, p = model.num_patches, model.num_prefix_tokens
+    counts = {} if spec.is_dense else {loc: f * n for loc, f in zip(spec.locations, stage_fractions)}
+    schedule, current = [], float(n)
+    for i in range(model.depth):
+        current = counts.get(i, current)
+        schedule.append(current + p)
+    return schedule
+
+
 def xla_flops(compiled_or_fn: Any, *args: Any) -> float:
     """Floating-point operations XLA counts for one call (``nan`` if the backend reports none).
 

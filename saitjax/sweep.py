@@ -21,21 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saitjax.evaluate import Evaluator
-from saitjax.flops import analytic_gmacs
+from saitjax.flops import analytic_gmacs, mean_token_schedule
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
-
-
-def mean_token_schedule(model: Any, spec: SparsitySpec, stage_fractions: Sequence[float]) -> list[float]:
-    """Mean tokens entering each block, given the mean kept fraction after each stage."""
-    n, p = model.num_patches, model.num_prefix_tokens
-    counts = {} if spec.is_dense else {loc: f * n for loc, f in zip(spec.locations, stage_fractions)}
-    schedule, current = [], float(n)
-    for i in range(model.depth):
-        current = counts.get(i, current)
-        schedule.append(current + p)
-    return schedule
 
 
 def local_numpy(batch: dict[str, Array]) -> dict[str, np.ndarray]:

@@ -29,3 +29,16 @@ def test_cli_rejects_bad_input(capsys):
     assert benchmark.main(["--model", "no_such_model", "--batch-sizes", "1"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert benchmark.main(["--model", "vit_test_patch4_32", "--batch-sizes", "0"]) == 2
+
+
+def test_cli_adaptive_density_reports_measured_counts_and_bucket(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    code = benchmark.main(["--model", "sait_test_patch4_32", "--batch-sizes", "2", "--density", "mass:0.5@1",
+                           "--runs", "1", "--warmup", "0", "--json", str(out)])
+    assert code == 0
+    dense, sparse = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sparse["spec"] == "mass:0.5@1" and "capacity" not in dense
+    assert 1 <= sparse["kept_tokens_mean"] <= sparse["capacity"] <= 64
+    # FLOPs at the mean count never exceed what the chosen bucket executed
+    assert sparse["gmacs_analytic"] <= sparse["gmacs_executed"] + 1e-12 < dense["gmacs_analytic"] + 1e-12
+    assert benchmark.main(["--model", "vit_test_patch4_32", "--density", "mass:0.5@1"]) == 2

@@ -31,9 +31,11 @@ def _main(*args, timeout=600):
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
-@pytest.mark.parametrize("name", ["demo", "deit_small_imagenet"])
-def test_configs_build_and_validate(name):
-    config = _load_config(name)
+@pytest.mark.parametrize("name, arg", [("demo", None), ("demo_dense", None), ("deit_small_imagenet", None),
+                                       ("sait_deit_imagenet", "size=tiny,init=deit_t.npz"),
+                                       ("sait_deit_imagenet", "size=base,init=deit_b.npz")])
+def test_configs_build_and_validate(name, arg):
+    config = _load_config(name, arg)
     assert config.model
     with pytest.raises(AttributeError):
         config.batch_sise = 3  # locked: a misspelt field cannot be set silently
