@@ -1,9 +1,10 @@
 """Training methods, by config name."""
 
 from saitjax.methods.base import Method
+from saitjax.methods.dynamicvit import DynamicViTMethod
 from saitjax.methods.sait import SaiTMethod
 
-METHODS: dict[str, type[Method]] = {"dense": Method, "sait": SaiTMethod}
+METHODS: dict[str, type[Method]] = {"dense": Method, "dynamicvit": DynamicViTMethod, "sait": SaiTMethod}
 
 
 def build_method(config, model) -> Method:

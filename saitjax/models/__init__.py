@@ -1,6 +1,7 @@
 """Linen models. Importing this package registers every model."""
 
 from saitjax.models import deit as _deit  # noqa: F401  (registers DeiT/ViT names)
+from saitjax.models import dynamicvit as _dynamicvit  # noqa: F401  (registers DynamicViT names)
 from saitjax.models import sait as _sait  # noqa: F401  (registers SaiT names)
 from saitjax.models.registry import create_model, list_models, model_entry, register_model
 from saitjax.models.vit import TokenState, VisionTransformer

@@ -1,0 +1,72 @@
+"""DynamicViT demo: fine-tune the dense demo ViT into `dynamicvit_demo_patch8_64` (2 CPU cores).
+
+First train the dense model (about 6 minutes), then fine-tune it with predictors before blocks
+1, 2, 3 keeping 0.7 / 0.49 / 0.343 of the 64 patch tokens (44 / 31 / 21):
+
+    python -m saitjax.main --config configs/demo_dense.py --workdir /tmp/demo_dense
+    python -m saitjax.main --config configs/dynamicvit_demo.py:init=/tmp/demo_dense/export/params_step1560.npz \
+        --workdir /tmp/dynamicvit_demo
+
+The dense weights are also the frozen distillation teacher. Evaluated at "dense" and at the
+trained schedule "topk:0.7@1/2/3". Data and augmentation are those of configs/demo_dense.py.
+
+Arguments: init (required), epochs, batch, lr (predictors), backbone_lr_mult, rho, data_dir,
+dataset.
+"""
+
+from saitjax.config import base_config, finalize, parse_arg
+
+LOCATIONS = (1, 2, 3)
+
+
+def get_config(arg: str | None = None):
+    a = parse_arg(arg, init="", epochs=3.0, batch=64, lr=1e-3, backbone_lr_mult=0.1, rho=0.7,
+                  data_dir="", dataset="saitjax_shapes")
+    if not a.init:
+        raise ValueError(
+            "invalid config: configs/dynamicvit_demo.py fine-tunes a dense demo model; first run "
+            "`python -m saitjax.main --config configs/demo_dense.py --workdir DIR` and pass "
+            "init=DIR/export/params_step1560.npz (configs/dynamicvit_demo.py:init=...)")
+    c = base_config()
+    c.model = "dynamicvit_demo_patch8_64"
+    c.model_kwargs.num_classes = 8
+    c.model_kwargs.drop_path_rate = 0.0
+    c.model_kwargs.keep_rho = a.rho
+    c.init = a.init
+    c.teacher = "init"
+
+    c.method = "dynamicvit"
+    c.method_kwargs.update(rho=a.rho, locations=LOCATIONS, ratio_weight=2.0, distill_weight=0.5,
+                           token_distill_weight=0.5)
+
+    # Data as in configs/demo_dense.py.
+    c.data.name = a.dataset
+    c.data.data_dir = a.data_dir
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.image_size = 64
+    c.data.crop_scale = (0.85, 1.0)
+    c.data.randaugment = ""
+    c.data.crop_pct = 1.0
+    c.data.shuffle_buffer = 4096
+    c.data.cache = True
+    c.mixup.mixup_alpha = 0.0
+    c.mixup.cutmix_alpha = 0.0
+    c.mixup.label_smoothing = 0.1
+
+    c.batch_size = a.batch
+    c.train_epochs = a.epochs
+    c.optim.lr = a.lr
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_epochs = 0.25
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip_norm = 1.0
+    c.optim.lr_multipliers = ((r"^(?!predictor_)", a.backbone_lr_mult),)
+    c.optim.frozen = (r"^cls_token$", r"^pos_embed$")
+
+    locs = "/".join(map(str, LOCATIONS))
+    c.eval.densities = ("dense", f"topk:{a.rho:g}@{locs}")
+    c.eval.every_steps = 10_000  # at the end (and by --mode eval)
+    c.eval.batch_size = 256
+    c.checkpoint.every_steps = 100
+    c.log_every_steps = 20
+    return finalize(c)

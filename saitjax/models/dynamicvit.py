@@ -1,0 +1,187 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): learned per-token keep/drop predictors.
+
+A light MLP ("PredictorLG") before each pruning stage scores the current patch tokens from a
+local half of their features and the mean of a global half over the tokens still kept.
+
+* Training (spec mode ``mask``, ``rngs={"gumbel": ...}``): hard Gumbel-softmax decisions,
+  multiplied by the previous stage's (a dropped token stays dropped). All tokens stay in the
+  sequence; ``state.keep`` carries the straight-through decisions into the multiplicative masked
+  attention, which is how the predictors receive gradient.
+* Inference (mode ``gather``): each predictor scores the current, already reduced tokens; the
+  static ``floor(N * rho^s)`` best by keep log-probability are gathered.
+* Mode ``mask`` without a ``gumbel`` rng applies the inference rule as a mask, so a masked
+  forward equals the gathered one (the correctness check of both paths).
+
+Parameter names: backbone as in :mod:`saitjax.models.vit`; predictors ``predictor_{s}`` with
+``in_norm`` (LayerNorm eps 1e-5), ``in_fc`` (C->C), ``out_fc1`` (C->C/2), ``out_fc2``
+(C/2->C/4), ``out_fc3`` (C/4->2). :attr:`DynamicViT.checkpoint_renames` maps the official
+``score_predictor.{s}.in_conv/out_conv`` keys onto them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from saitjax.models import token_ops
+from saitjax.models.deit import DEIT_SIZES
+from saitjax.models.registry import register_model
+from saitjax.models.vit import Aux, TokenState, VisionTransformer
+from saitjax.sparsity import SparsityError, SparsitySpec
+
+Array = jax.Array
+
+_PREDICTOR_INIT = nn.initializers.truncated_normal(0.02)
+
+
+class Predictor(nn.Module):
+    """PredictorLG: per-token ``[log p(keep), log p(drop)]`` given the current keep decisions."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, decisions: Array) -> Array:
+        """``x [B, N, C]`` patch tokens, ``decisions [B, N]`` 0/1 -> log-probs ``[B, N, 2]`` (float32)."""
+        c = x.shape[-1]
+
+        def dense(features: int, name: str) -> nn.Dense:
+            return nn.Dense(features, dtype=self.dtype, kernel_init=_PREDICTOR_INIT, name=name)
+
+        z = nn.LayerNorm(self.eps, dtype=self.dtype, name="in_norm")(x)
+        z = nn.gelu(dense(c, "in_fc")(z), approximate=False)
+        local, glob = z[..., : c // 2], z[..., c // 2:]
+        d = decisions.astype(z.dtype)[..., None]
+        # Global context = mean of the kept tokens; the guard only matters for an all-dropped image.
+        g = jnp.sum(glob * d, axis=1, keepdims=True) / jnp.maximum(jnp.sum(d, axis=1, keepdims=True), 1.0)
+        h = jnp.concatenate([local, jnp.broadcast_to(g, glob.shape)], axis=-1)
+        h = nn.gelu(dense(c // 2, "out_fc1")(h), approximate=False)
+        h = nn.gelu(dense(c // 4, "out_fc2")(h), approximate=False)
+        return jax.nn.log_softmax(dense(2, "out_fc3")(h).astype(jnp.float32), axis=-1)
+
+
+def predictor_macs(dim: int) -> int:
+    """Multiply-accumulates of one predictor per token (its four Linear layers)."""
+    return dim * dim + dim * (dim // 2) + (dim // 2) * (dim // 4) + (dim // 4) * 2
+
+
+class DynamicViT(VisionTransformer):
+    """ViT/DeiT with DynamicViT predictors before the blocks ``predictor_locations``.
+
+    Without an explicit ``sparsity`` the model runs its own schedule: ``keep_rho``,
+    ``keep_rho^2``, ... of the patch tokens at ``predictor_locations`` (gathered). Any ``topk``
+    spec at those same locations works (e.g. ``SparsitySpec.hierarchical(0.9, (3, 6, 9))``).
+    """
+
+    predictor_locations: tuple[int, ...] = (3, 6, 9)
+    keep_rho: float = 0.7
+    predictor_eps: float = 1e-5
+    gumbel_tau: float = 1.0  # temperature of the training-time Gumbel-softmax
+
+    # Official DynamicViT checkpoint keys -> Linen paths (applied by saitjax.convert).
+    checkpoint_renames = (
+        (r"^score_predictor\.(\d+)\.in_conv\.0\.", r"predictor_\1.in_norm."),
+        (r"^score_predictor\.(\d+)\.in_conv\.1\.", r"predictor_\1.in_fc."),
+        (r"^score_predictor\.(\d+)\.out_conv\.0\.", r"predictor_\1.out_fc1."),
+        (r"^score_predictor\.(\d+)\.out_conv\.2\.", r"predictor_\1.out_fc2."),
+        (r"^score_predictor\.(\d+)\.out_conv\.4\.", r"predictor_\1.out_fc3."),
+    )
+
+    def setup(self):
+        super().setup()
+        # A list attribute names its modules predictor_0, predictor_1, ...
+        self.predictor = [Predictor(self.predictor_eps, self.dtype)
+                          for _ in self.predictor_locations]
+
+    def default_sparsity(self) -> SparsitySpec:
+        """The schedule the model was trained for: ``keep_rho^s`` at ``predictor_locations``."""
+        return SparsitySpec.hierarchical(self.keep_rho, self.predictor_locations)
+
+    def __call__(self, images: Array, *, train: bool = False,
+                 sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
+        spec = self.default_sparsity() if sparsity is None else sparsity
+        if self.is_initializing():
+            # Create every predictor's parameters even when the init spec does not use them.
+            c = self.embed_dim
+            for predictor in self.predictor:
+                predictor(jnp.zeros((1, 1, c), self.dtype), jnp.ones((1, 1), jnp.float32))
+        return super().__call__(images, train=train, sparsity=spec)
+
+    # -- pruning -------------------------------------------------------------------------------
+
+    def check_spec(self, spec: SparsitySpec) -> None:
+        if spec.rule != "topk":
+            raise SparsityError(
+                f"{type(self).__name__} keeps a fixed number of tokens per stage (rule 'topk'); "
+                f"the adaptive rule {spec.rule!r} needs a SaiT model (create_model('sait_...'))")
+        if tuple(spec.locations) != tuple(self.predictor_locations):
+            raise SparsityError(
+                f"{type(self).__name__} has predictors before blocks {tuple(self.predictor_locations)} "
+                f"but the sparsity spec prunes at {tuple(spec.locations)}; use e.g. "
+                f"SparsitySpec.hierarchical(rho, {tuple(self.predictor_locations)}) or the density "
+                f"'topk:rho@{'/'.join(map(str, self.predictor_locations))}'")
+
+    def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,
+                      train: bool) -> tuple[TokenState, Aux]:
+        """Score the patch tokens with ``predictor_{stage}`` and keep/drop them (see module doc)."""
+        del cls_attn
+        self.check_spec(spec)
+        p = self.num_prefix_tokens
+        patches = state.x[:, p:]
+        b, n = patches.shape[:2]
+        prev = state.keep[:, p:] if state.keep is not None else jnp.ones((b, n), jnp.float32)
+        logp = self.predictor[stage](patches, prev)
+        scores = logp[..., 0]
+        k = spec.keep_counts(self.num_patches)[stage]
+        if spec.mode == "gather":
+            return self.keep_top(state, scores, k, "gather")
+        prefix = jnp.ones((b, p), jnp.float32)
+        if self.has_rng("gumbel"):
+            hard = token_ops.gumbel_softmax_hard(self.make_rng("gumbel"), logp, self.gumbel_tau)[..., 0]
+            decisions = hard * prev  # hierarchical; straight-through values
+            keep_mask = jax.lax.stop_gradient(decisions)
+            return state.replace(keep=jnp.concatenate([prefix, decisions], axis=1)), {
+                "keep_masks": keep_mask, "decisions": decisions}
+        # Deterministic rule: the inference top-k among the tokens still kept.
+        idx = token_ops.topk_indices(jnp.where(prev > 0, scores, -jnp.inf), k)
+        keep_patches = token_ops.indices_to_mask(idx, n)
+        return state.replace(keep=jnp.concatenate([prefix, keep_patches], axis=1)), {
+            "keep_masks": keep_patches, "decisions": keep_patches,
+            "keep_indices": token_ops.batched_gather(state.patch_index, idx)}
+
+    def extra_macs(self, spec: SparsitySpec | None) -> float:
+        """Predictor MACs under ``spec``: each runs on the tokens present at its stage."""
+        if spec is None or spec.is_dense:
+            return 0.0
+        self.check_spec(spec)
+        n = self.num_patches
+        if spec.mode == "mask":
+            seen = [n] * len(spec.locations)
+        else:
+            seen = [n] + list(spec.keep_counts(n)[:-1])
+        return float(sum(seen) * predictor_macs(self.embed_dim))
+
+
+def _register() -> None:
+    for size, (dim, heads) in DEIT_SIZES.items():
+        register_model(
+            f"dynamicvit_deit_{size}_patch16_224", DynamicViT,
+            f"DynamicViT-DeiT-{size[0].upper()} (width {dim}, {heads} heads, depth 12), predictors "
+            "before blocks 3, 6, 9, keep 0.7/0.49/0.343 by default",
+            timm_name=f"deit_{size}_patch16_224", tags=("dynamicvit",),
+            img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
+            num_classes=1000, predictor_locations=(3, 6, 9), keep_rho=0.7)
+    register_model("dynamicvit_test_patch4_32", DynamicViT,
+                   "test-size DynamicViT: vit_test_patch4_32 with predictors before blocks 1, 2, 3",
+                   tags=("test", "dynamicvit"), img_size=32, patch_size=4, embed_dim=32, depth=4,
+                   num_heads=2, num_classes=10, predictor_locations=(1, 2, 3), keep_rho=0.7)
+    register_model("dynamicvit_demo_patch8_64", DynamicViT,
+                   "demo DynamicViT: vit_demo_patch8_64 with predictors before blocks 1, 2, 3",
+                   tags=("demo", "dynamicvit"), img_size=64, patch_size=8, embed_dim=96, depth=4,
+                   num_heads=3, num_classes=8, predictor_locations=(1, 2, 3), keep_rho=0.7)
+
+
+_register()

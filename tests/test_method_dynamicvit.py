@@ -1,0 +1,233 @@
+"""DynamicViT method: each loss term against NumPy, config checks, and training on 8 devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_fixtures import tiny_config, tiny_data
+
+import saitjax
+from saitjax import parallel, train
+from saitjax.convert import save_params
+from saitjax.methods import build_method
+from saitjax.methods.dynamicvit import DynamicViTMethod, ratio_loss, token_distill_loss
+from saitjax.sparsity import SparsitySpec
+
+NAME = "dynamicvit_test_patch4_32"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    c = tiny_config(**{"model": NAME, "method": "dynamicvit", "init": "teacher.npz", "teacher": "init",
+                       **overrides})
+    c.method_kwargs.locations = (1, 2, 3)
+    c.eval.densities = ("dense", "topk:0.7@1/2/3")
+    return c
+
+
+def _random_params(model, seed=0):
+    """Random params from NumPy (no init compilation: faster on 2 cores)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        scale = path[-1].key == "scale"
+        return rng.normal(1.0 if scale else 0.0, 0.1 if scale else 0.05, x.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure loss terms
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ratio_loss_matches_numpy():
+    d1 = np.array([[1, 1, 0, 1], [1, 0, 0, 0]], np.float32)
+    d2 = np.array([[1, 0, 0, 1], [0, 0, 0, 0]], np.float32)
+    # stage 1: kept fractions 0.75, 0.25 vs 0.7; stage 2: 0.5, 0.0 vs 0.49
+    expected = (((0.75 - 0.7) ** 2 + (0.25 - 0.7) ** 2) / 2 + ((0.5 - 0.49) ** 2 + (0.0 - 0.49) ** 2) / 2) / 2
+    got = ratio_loss([jnp.asarray(d1), jnp.asarray(d2)], (0.7, 0.49))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="one keep ratio per stage"):
+        ratio_loss([jnp.asarray(d1)], (0.7, 0.49))
+
+
+def test_token_distill_loss_matches_numpy_and_ignores_pruned_tokens():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 3)).astype(np.float32), rng.normal(size=(2, 5, 3)).astype(np.float32)
+    keep = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]], np.float32)
+    sq = ((s - t) ** 2).mean(-1)
+    expected = (sq[0, 0] + sq[0, 2] + sq[1, 3]) / 3
+    np.testing.assert_allclose(token_distill_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(keep)),
+                               expected, rtol=1e-6)
+    assert float(token_distill_loss(jnp.asarray(s), jnp.asarray(t), jnp.zeros((2, 5)))) == 0.0
+    g_s, g_t = jax.grad(token_distill_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t), jnp.asarray(keep))
+    assert not np.any(np.asarray(g_t))  # the teacher is a constant
+    np.testing.assert_array_equal(np.abs(np.asarray(g_s)).sum(-1) > 0, keep > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method's loss, term by term
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_method_loss_terms_equal_numpy():
+    config = _config()
+    model = saitjax.create_model(NAME, num_classes=4)
+    method = build_method(config, model)
+    assert isinstance(method, DynamicViTMethod) and method.uses_teacher
+    images = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
+    params = _random_params(model)
+    rng = np.random.default_rng(9)  # a teacher that differs from the student, without predictors
+    teacher = {k: jax.tree.map(lambda a: a + rng.normal(0, 0.05, a.shape).astype(np.float32), v)
+               for k, v in params.items() if not k.startswith("predictor_")}
+    targets = jax.nn.one_hot(jnp.array([0, 1, 2, 3, 0, 1]), 4) * 0.9 + 0.1 / 4
+    spec = method.train_sparsity(0)
+    assert spec == SparsitySpec.hierarchical(0.7, (1, 2, 3), mode="mask")
+    key = jax.random.key(3)
+
+    @jax.jit
+    def loss_and_outputs(p, t):
+        loss, metrics = method.loss(p, images, targets, spec=spec, rng=key, teacher_params=t)
+        # the same forward passes as inside the loss, to recompute every term by hand
+        dropout_rng, gumbel_rng = jax.random.split(key)
+        student = model.apply({"params": p}, images, train=True, sparsity=spec,
+                              rngs={"dropout": dropout_rng, "gumbel": gumbel_rng})
+        return loss, metrics, student, model.apply({"params": t}, images, sparsity=SparsitySpec.dense())
+
+    loss, metrics, (logits, aux), (t_logits, t_aux) = loss_and_outputs(params, teacher)
+    logits, t_logits, y = np.asarray(logits, np.float64), np.asarray(t_logits, np.float64), np.asarray(targets)
+    cls = -(y * _log_softmax(logits)).sum(-1).mean()
+    d = [np.asarray(x) for x in aux["decisions"]]
+    ratio = np.mean([((x.mean(-1) - r) ** 2).mean() for x, r in zip(d, (0.7, 0.49, 0.343))])
+    p_t = np.exp(_log_softmax(t_logits))
+    kd = (p_t * (_log_softmax(t_logits) - _log_softmax(logits))).sum(-1).mean()
+    sq = ((np.asarray(aux["tokens"])[:, 1:] - np.asarray(t_aux["tokens"])[:, 1:]) ** 2).mean(-1)
+    tok = (sq * d[-1]).sum() / d[-1].sum()
+    assert kd > 1e-4 and tok > 1e-4  # the teacher really differs
+    np.testing.assert_allclose(metrics["loss_cls"], cls, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_ratio"], ratio, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_kd"], kd, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss_token"], tok, rtol=1e-5)
+    np.testing.assert_allclose(loss, cls + 2.0 * ratio + 0.5 * kd + 0.5 * tok, rtol=1e-5)
+    for s in range(3):
+        np.testing.assert_allclose(metrics[f"kept_fraction_{s}"], d[s].mean(), rtol=1e-6)
+
+
+def test_method_config_errors():
+    model = saitjax.create_model(NAME, num_classes=4)
+    c = _config()
+    c.method_kwargs.locations = (3, 6, 9)
+    with pytest.raises(ValueError, match=r"locations=\(3, 6, 9\) but the model has predictors before blocks \(1, 2, 3\)"):
+        build_method(c, model)
+    with pytest.raises(ValueError, match="needs a DynamicViT model"):
+        build_method(_config(), saitjax.create_model("vit_test_patch4_32"))
+    with pytest.raises(ValueError, match="need a teacher"):
+        build_method(_config(teacher=""), model)
+    c = _config(teacher="")
+    c.method_kwargs.update(distill_weight=0.0, token_distill_weight=0.0)
+    assert not build_method(c, model).uses_teacher
+    with pytest.raises(ValueError, match="not fields of method 'dynamicvit'"):
+        c.method_kwargs.keep_rate = 0.7
+        build_method(c, model)
+
+
+def test_eval_densities_use_the_method_locations():
+    c = _config()
+    c.eval.densities = ("dense", "topk:0.7")
+    method = build_method(c, saitjax.create_model(NAME, num_classes=4))
+    assert [label for label, _ in method.eval_densities()] == ["dense", "topk:0.7/0.49/0.343@1/2/3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def test_trains_on_eight_devices_from_a_dense_teacher(tmp_path):
+    """A few steps on 8 devices, initialised from (and distilled by) a dense .npz; then evaluation."""
+    assert jax.device_count() == 8
+    dense = saitjax.create_model("vit_test_patch4_32", num_classes=4)
+    dense_params = _random_params(dense, seed=7)
+    teacher = save_params(str(tmp_path / "teacher.npz"), dense_params, model="vit_test_patch4_32")
+    config = _config(init=teacher)
+    config.model_kwargs.drop_path_rate = 0.0
+    config.optim.lr_multipliers = ((r"^(?!predictor_)", 0.0),)  # only the predictors move
+    mesh = parallel.make_mesh()
+    run = train.Run(config, str(tmp_path / "w"), data=tiny_data(mesh, config), mesh=mesh)
+    state = run.restore_or_init()
+    start = jax.device_get(state.params)
+    np.testing.assert_array_equal(start["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  dense_params["blocks_1"]["attn"]["qkv"]["kernel"])
+    teacher_params = run.teacher_params()
+    assert "predictor_0" not in teacher_params
+    step_fn = run.jitted_train_step(donate=False)
+    batches = run.data.train_batches(0)
+    for step in range(3):
+        state, metrics = step_fn(state, next(batches), teacher_params, run.method.train_sparsity(step))
+    metrics = jax.device_get(metrics)
+    assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"])
+    assert {"loss_cls", "loss_ratio", "loss_kd", "loss_token", "kept_fraction_0", "kept_fraction_2"} <= set(metrics)
+    params = jax.device_get(state.params)
+    np.testing.assert_array_equal(params["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  start["blocks_1"]["attn"]["qkv"]["kernel"])
+    assert not np.array_equal(params["predictor_0"]["in_fc"]["kernel"], start["predictor_0"]["in_fc"]["kernel"])
+    evals = run.evaluate(state.params, 3)
+    assert set(evals) == {"dense", "topk:0.7/0.49/0.343@1/2/3"}
+    assert evals["topk:0.7/0.49/0.343@1/2/3"]["kept_fraction"] == pytest.approx(21 / 64)
+    assert evals["dense"]["count"] == 40
+    run.ckpt.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_demo_config_needs_dense_weights():
+    with pytest.raises(ValueError, match=r"configs/demo_dense.py.*init=DIR/export/params_step1560.npz"):
+        _load_config("dynamicvit_demo")
+    c = _load_config("dynamicvit_demo", "init=/tmp/dense.npz,epochs=1")
+    assert (c.model, c.method, c.teacher) == ("dynamicvit_demo_patch8_64", "dynamicvit", "init")
+    assert tuple(c.eval.densities) == ("dense", "topk:0.7@1/2/3")
+
+
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_imagenet_config_recipe(size):
+    from saitjax.optim import OptimizerConfig, param_groups_summary
+
+    scratch = _load_config("dynamicvit_deit_imagenet", f"model={size}")
+    assert scratch.teacher == "" and scratch.method_kwargs.distill_weight == 0.0
+    c = _load_config("dynamicvit_deit_imagenet", f"model={size},init=deit.npz,rho=0.8")
+    assert c.model == f"dynamicvit_deit_{size}_patch16_224" and c.teacher == "init"
+    assert c.method_kwargs.ratio_weight == (5.0 if size == "base" else 2.0)
+    assert c.model_kwargs.drop_path_rate == (0.2 if size == "base" else 0.0)
+    assert tuple(c.eval.densities) == ("dense", "topk:0.8")
+    assert train.optimizer_config(c, 100, 10, 2).lr == pytest.approx(1e-3)
+    model = saitjax.create_model(c.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"]
+    opt = train.optimizer_config(c, 300, 50, 10)
+    assert isinstance(opt, OptimizerConfig) and dict(opt.frozen_until_step)[r"^(?!predictor_)"] == 50
+    summary = param_groups_summary(opt, shapes)
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    predictors = sum(x.size for k, v in shapes.items() if k.startswith("predictor_") for x in jax.tree.leaves(v))
+    frozen = shapes["cls_token"].size + shapes["pos_embed"].size
+    assert f"lr x0.01: {(total - predictors - frozen) / 1e6:.2f}M" in summary
