@@ -19,7 +19,7 @@ data_dir, dataset.
 
 from saitjax.config import base_config, finalize, parse_arg
 
-SWEEP = ("dense", "mass:0.95", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.7", "topk:0.5")
+SWEEP = ("dense", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.7", "topk:0.5")
 
 
 def get_config(arg: str | None = None):
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.05
     c.optim.grad_clip_norm = 1.0
 
-    c.eval.every_steps = 400  # and at the end (and by --mode eval)
+    c.eval.every_steps = 800  # and at the end (and by --mode eval)
     c.eval.batch_size = 256
     c.eval.densities = ("dense", "mass:0.8")
     c.eval.keep_mask = True  # object masks: where do kept tokens fall?
