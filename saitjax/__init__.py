@@ -8,7 +8,7 @@
 """
 
 from saitjax.models import create_model, list_models, model_entry
-from saitjax.sparsity import SparsityError, SparsitySpec
+from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'saitjax' has no attribute {name!r}")
 
 
-__all__ = ["create_model", "list_models", "model_entry", "SparsitySpec", "SparsityError",
+__all__ = ["create_model", "list_models", "model_entry", "SparsitySpec", "SparsityError", "parse_density",
            "load_params", "save_params", "__version__"]
