@@ -16,7 +16,7 @@ Arguments: model (deit_{tiny,small,base}_patch16_224), epochs, batch, lr (per 51
 data_dir, manual_dir. ImageNet preparation: docs/imagenet.md.
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, imagenet_data, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -28,12 +28,7 @@ def get_config(arg: str | None = None):
     c.model_kwargs.drop_path_rate = {"deit_tiny_patch16_224": 0.0}.get(a.model, 0.1)
     c.init = a.init
 
-    c.data.name = "imagenet2012"
-    c.data.data_dir = a.data_dir
-    c.data.manual_dir = a.manual_dir
-    c.data.train_split, c.data.eval_split = "train", "validation"
-    c.data.randaugment = "rand-m9-mstd0.5"
-    c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    imagenet_data(c, a.data_dir, a.manual_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

@@ -17,7 +17,7 @@ Arguments (``configs/demo.py:epochs=10,warmup_epochs=7``): epochs, warmup_epochs
 data_dir, dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
 
 SWEEP = ("dense", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.7", "topk:0.5")
 
@@ -39,18 +39,7 @@ def get_config(arg: str | None = None):
     c.method_kwargs.distill_weight = 1.0
     c.method_kwargs.token_distill_weight = 1.0
 
-    c.data.name = a.dataset
-    c.data.data_dir = a.data_dir
-    c.data.train_split, c.data.eval_split = "train", "test"
-    c.data.image_size = 64
-    c.data.crop_scale = (0.85, 1.0)  # images are already at size; crops must keep the object
-    c.data.randaugment = ""
-    c.data.crop_pct = 1.0
-    c.data.shuffle_buffer = 4096
-    c.data.cache = True
-    c.mixup.mixup_alpha = 0.0
-    c.mixup.cutmix_alpha = 0.0
-    c.mixup.label_smoothing = 0.1
+    shapes_demo_data(c, a.dataset, a.data_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

@@ -10,7 +10,7 @@ Expected result (README, measured on a 2-core CPU): see the README's demo table.
 Arguments (``configs/demo_dense.py:epochs=2,batch=64``): epochs, batch, lr, data_dir, dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
 
 
 def get_config(arg: str | None = None):
@@ -20,18 +20,7 @@ def get_config(arg: str | None = None):
     c.model_kwargs.num_classes = 8
     c.model_kwargs.drop_path_rate = 0.0
 
-    c.data.name = a.dataset
-    c.data.data_dir = a.data_dir
-    c.data.train_split, c.data.eval_split = "train", "test"
-    c.data.image_size = 64
-    c.data.crop_scale = (0.85, 1.0)  # images are already at size; crops must keep the object
-    c.data.randaugment = ""
-    c.data.crop_pct = 1.0
-    c.data.shuffle_buffer = 4096
-    c.data.cache = True
-    c.mixup.mixup_alpha = 0.0
-    c.mixup.cutmix_alpha = 0.0
-    c.mixup.label_smoothing = 0.1
+    shapes_demo_data(c, a.dataset, a.data_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

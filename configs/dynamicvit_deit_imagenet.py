@@ -22,7 +22,7 @@ Arguments: model (tiny/small/base), rho (0.7; the paper uses 0.9, 0.8, 0.7 and 0
 Evaluated at "dense" and "topk:{rho}" (predictors before blocks 3, 6, 9).
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, imagenet_data, parse_arg
 
 SIZES = ("tiny", "small", "base")
 
@@ -46,12 +46,7 @@ def get_config(arg: str | None = None):
     c.method_kwargs.update(rho=a.rho, locations=(3, 6, 9), ratio_weight=5.0 if base else 2.0,
                            distill_weight=distill, token_distill_weight=distill)
 
-    c.data.name = "imagenet2012"
-    c.data.data_dir = a.data_dir
-    c.data.manual_dir = a.manual_dir
-    c.data.train_split, c.data.eval_split = "train", "validation"
-    c.data.randaugment = "rand-m9-mstd0.5"
-    c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    imagenet_data(c, a.data_dir, a.manual_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

@@ -14,7 +14,7 @@ Arguments: init (required), epochs, batch, lr (predictors), backbone_lr_mult, rh
 dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
 
 LOCATIONS = (1, 2, 3)
 
@@ -39,19 +39,7 @@ def get_config(arg: str | None = None):
     c.method_kwargs.update(rho=a.rho, locations=LOCATIONS, ratio_weight=2.0, distill_weight=0.5,
                            token_distill_weight=0.5)
 
-    # Data as in configs/demo_dense.py.
-    c.data.name = a.dataset
-    c.data.data_dir = a.data_dir
-    c.data.train_split, c.data.eval_split = "train", "test"
-    c.data.image_size = 64
-    c.data.crop_scale = (0.85, 1.0)
-    c.data.randaugment = ""
-    c.data.crop_pct = 1.0
-    c.data.shuffle_buffer = 4096
-    c.data.cache = True
-    c.mixup.mixup_alpha = 0.0
-    c.mixup.cutmix_alpha = 0.0
-    c.mixup.label_smoothing = 0.1
+    shapes_demo_data(c, a.dataset, a.data_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

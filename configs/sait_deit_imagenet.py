@@ -25,7 +25,7 @@ Arguments: size (tiny/small/base), init (converted dense DeiT params; required),
 lr (per 512 images), mass (comma-free list as ``0.8/0.85/0.9/0.95``), data_dir, manual_dir.
 """
 
-from saitjax.config import base_config, finalize, parse_arg
+from saitjax.config import base_config, finalize, imagenet_data, parse_arg
 
 SWEEP = ("dense", "mass:0.95", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.75", "topk:0.7", "topk:0.5")
 
@@ -55,12 +55,7 @@ def get_config(arg: str | None = None):
     c.method_kwargs.distill_weight = 1.0
     c.method_kwargs.token_distill_weight = 1.0
 
-    c.data.name = "imagenet2012"
-    c.data.data_dir = a.data_dir
-    c.data.manual_dir = a.manual_dir
-    c.data.train_split, c.data.eval_split = "train", "validation"
-    c.data.randaugment = "rand-m9-mstd0.5"
-    c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    imagenet_data(c, a.data_dir, a.manual_dir)
 
     c.batch_size = a.batch
     c.train_epochs = a.epochs

@@ -51,6 +51,33 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def shapes_demo_data(c: ml_collections.ConfigDict, dataset: str = "saitjax_shapes",
+                     data_dir: str = "") -> None:
+    """Data of every demo: the generated 64 px shapes, light crops (the object must stay), no mixing."""
+    c.data.name = dataset
+    c.data.data_dir = data_dir
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.image_size = 64
+    c.data.crop_scale = (0.85, 1.0)  # images are already at size; crops must keep the object
+    c.data.randaugment = ""
+    c.data.crop_pct = 1.0
+    c.data.shuffle_buffer = 4096
+    c.data.cache = True
+    c.mixup.mixup_alpha = 0.0
+    c.mixup.cutmix_alpha = 0.0
+    c.mixup.label_smoothing = 0.1
+
+
+def imagenet_data(c: ml_collections.ConfigDict, data_dir: str = "", manual_dir: str = "") -> None:
+    """ImageNet-1k through TFDS (docs/imagenet.md) with DeiT's augmentation and mixing."""
+    c.data.name = "imagenet2012"
+    c.data.data_dir = data_dir
+    c.data.manual_dir = manual_dir
+    c.data.train_split, c.data.eval_split = "train", "validation"
+    c.data.randaugment = "rand-m9-mstd0.5"
+    c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """``"epochs=30,model=deit_tiny_patch16_224"`` -> typed values, defaults for the rest."""
     out = ml_collections.ConfigDict(defaults)

@@ -260,7 +260,7 @@ class Run:
 
     def sweep(self, params: Any, step: int) -> list[dict[str, Any]]:
         """The density sweep of ``config.eval.sweep`` into ``workdir/sweep_step{step}/``."""
-        from saitjax.sweep import run_sweep
+        from saitjax.sweep import run_sweep, sweep_table
 
         config = self.config
         out_dir = os.path.join(self.workdir, f"sweep_step{step}")
@@ -269,8 +269,17 @@ class Run:
                          timing_batch_sizes=tuple(config.eval.sweep_batch_sizes),
                          title=f"{config.model}: one checkpoint (step {step}), every density")
         logging.info("density sweep written to %s:\n%s", out_dir,
-                     open(os.path.join(out_dir, "sweep.md"), encoding="utf-8").read())
+                     sweep_table(rows, tuple(config.eval.sweep_batch_sizes)))
         return rows
+
+
+def _latest(config: ml_collections.ConfigDict, workdir: str, data: Any | None,
+            mesh: jax.sharding.Mesh | None, purpose: str) -> tuple[Run, TrainState]:
+    """The run and the restored state of the workdir's latest checkpoint (``--mode eval/sweep``)."""
+    run = Run(config, workdir, data, mesh)
+    if run.latest is None:
+        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to {purpose}; train first")
+    return run, run.restore_or_init()
 
 
 def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
@@ -279,10 +288,7 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
     if not config.eval.sweep:
         raise ValueError("config.eval.sweep is empty: give the densities to sweep, e.g. "
                          "--config.eval.sweep='(\"dense\", \"mass:0.9\")'")
-    run = Run(config, workdir, data, mesh)
-    if run.latest is None:
-        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to sweep; train first")
-    state = run.restore_or_init()
+    run, state = _latest(config, workdir, data, mesh, "sweep")
     rows = run.sweep(state.params, run.latest)
     run.ckpt.close()
     return rows
@@ -291,10 +297,7 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
                         mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """``--mode eval``: evaluate the workdir's latest checkpoint at every configured density."""
-    run = Run(config, workdir, data, mesh)
-    if run.latest is None:
-        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to evaluate; train first")
-    state = run.restore_or_init()
+    run, state = _latest(config, workdir, data, mesh, "evaluate")
     results = run.evaluate(state.params, run.latest)
     run.ckpt.close()
     return results
