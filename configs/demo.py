@@ -17,7 +17,7 @@ Arguments (``configs/demo.py:epochs=10,warmup_epochs=7``): epochs, warmup_epochs
 data_dir, dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
+from saitjax.config import base_config, finalize, parse_arg, shapes_demo_recipe
 
 SWEEP = ("dense", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.7", "topk:0.5")
 
@@ -39,22 +39,10 @@ def get_config(arg: str | None = None):
     c.method_kwargs.distill_weight = 1.0
     c.method_kwargs.token_distill_weight = 1.0
 
-    shapes_demo_data(c, a.dataset, a.data_dir)
-
-    c.batch_size = a.batch
-    c.train_epochs = a.epochs
-    c.optim.lr = a.lr
-    c.optim.min_lr = 1e-5
-    c.optim.warmup_epochs = 0.5
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip_norm = 1.0
-
+    shapes_demo_recipe(c, a)
     c.eval.every_steps = 800  # and at the end (and by --mode eval)
-    c.eval.batch_size = 256
     c.eval.densities = ("dense", "mass:0.8")
     c.eval.keep_mask = True  # object masks: where do kept tokens fall?
     c.eval.sweep = SWEEP
     c.eval.sweep_batch_sizes = (1, 32)
-    c.checkpoint.every_steps = 100
-    c.log_every_steps = 20
     return finalize(c)

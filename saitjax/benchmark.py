@@ -54,24 +54,26 @@ class Variant:
 
 
 def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[0])
+    def forward(p, x):
+        logits, aux = model.apply({"params": p}, x, sparsity=spec)
+        return logits, aux.get("keep_masks", ()), aux.get("capacity")
+
     start = time.perf_counter()
-    compiled = fn.lower(params, images).compile()
+    compiled = jax.jit(forward).lower(params, images).compile()
     compile_s = time.perf_counter() - start
     extra: dict[str, Any] = {}
     if spec.is_adaptive:  # per-image counts: FLOPs at the measured mean count, and what ran
-        aux = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[1])(params, images)
-        fractions = [float(jnp.mean(m)) for m in aux["keep_masks"]]
+        _, keep_masks, capacity = compiled(params, images)
+        fractions = [float(jnp.mean(m)) for m in keep_masks]
         gmacs = analytic_gmacs(model, spec, mean_token_schedule(model, spec, fractions))
         extra = {"kept_tokens_mean": fractions[-1] * model.num_patches,
                  "kept_tokens_per_stage": [f * model.num_patches for f in fractions]}
-        if "capacity" in aux:  # every block from the first location runs at the bucket's capacity
-            capacity = int(aux["capacity"])
-            extra.update(capacity=capacity, gmacs_executed=analytic_gmacs(
-                model, spec, mean_token_schedule(model, spec, [capacity / model.num_patches] * len(fractions))))
+        if capacity is not None:  # every block from the first location runs at the bucket's capacity
+            extra.update(capacity=int(capacity), gmacs_executed=analytic_gmacs(
+                model, spec, mean_token_schedule(model, spec, [int(capacity) / model.num_patches] * len(fractions))))
     else:
         gmacs = analytic_gmacs(model, spec)
-    variant = Variant(spec.describe(), lambda: compiled(params, images).block_until_ready(), compile_s,
+    variant = Variant(spec.describe(), lambda: jax.block_until_ready(compiled(params, images)), compile_s,
                       gmacs, xla_flops(compiled) / images.shape[0] / 1e9, spec.describe())
     variant.extra = extra
     return variant

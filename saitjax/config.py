@@ -68,6 +68,22 @@ def shapes_demo_data(c: ml_collections.ConfigDict, dataset: str = "saitjax_shape
     c.mixup.label_smoothing = 0.1
 
 
+def shapes_demo_recipe(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+    """Data, schedule and logging of the from-scratch demos (``a``: epochs, batch, lr, dataset, data_dir)."""
+    shapes_demo_data(c, a.dataset, a.data_dir)
+    c.batch_size = a.batch
+    c.train_epochs = a.epochs
+    c.optim.lr = a.lr
+    c.optim.min_lr = 1e-5
+    c.optim.warmup_epochs = 0.5
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip_norm = 1.0
+    c.eval.every_steps = 400  # and at the end (and by --mode eval)
+    c.eval.batch_size = 256
+    c.checkpoint.every_steps = 100
+    c.log_every_steps = 20
+
+
 def imagenet_data(c: ml_collections.ConfigDict, data_dir: str = "", manual_dir: str = "") -> None:
     """ImageNet-1k through TFDS (docs/imagenet.md) with DeiT's augmentation and mixing."""
     c.data.name = "imagenet2012"

@@ -57,10 +57,14 @@ class Evaluator:
         self.densities = list(densities)
         self._step = jax.jit(lambda p, b, spec: eval_sums(model, p, b, spec), static_argnums=2)
 
-    def __call__(self, params: Any, batches: Iterable[dict[str, Array]]) -> dict[str, dict[str, float]]:
-        totals: dict[str, dict[str, Array]] = {label: {} for label, _ in self.densities}
+    def __call__(self, params: Any, batches: Iterable[dict[str, Array]],
+                 densities: list[tuple[str, SparsitySpec]] | None = None) -> dict[str, dict[str, float]]:
+        """Results per density label; ``densities`` overrides the evaluator's own (e.g. a sweep),
+        reusing the compiled step of every spec it has already seen."""
+        densities = self.densities if densities is None else list(densities)
+        totals: dict[str, dict[str, Array]] = {label: {} for label, _ in densities}
         for batch in batches:
-            for label, spec in self.densities:
+            for label, spec in densities:
                 sums = self._step(params, batch, spec)
                 acc = totals[label]
                 for key, value in sums.items():

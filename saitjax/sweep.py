@@ -72,12 +72,17 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
               densities: Sequence[tuple[str, SparsitySpec]], out_dir: str, *,
               mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
               timing_batch_sizes: Sequence[int] = (1, 32), timing_images: int = 64,
-              picture_images: int = 8, title: str | None = None) -> list[dict[str, Any]]:
-    """Evaluate ``params`` at every density and write the table and plots; returns the rows."""
+              picture_images: int = 8, title: str | None = None,
+              evaluator: Evaluator | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``params`` at every density and write the table and plots; returns the rows.
+
+    ``evaluator``: an existing :class:`Evaluator` of ``model`` whose compiled steps are reused
+    for the densities it already evaluates (a trainer's periodic evaluation).
+    """
     from saitjax.viz import plot_kept_tokens, plot_pareto
 
     batches = list(eval_batches)
-    results = Evaluator(model, list(densities))(params, batches)
+    results = (evaluator or Evaluator(model, []))(params, batches, list(densities))
     sample = local_numpy(batches[0])
     valid = sample["valid"] > 0
     images = sample["image"][valid]

@@ -267,7 +267,8 @@ class Run:
         rows = run_sweep(self.model, params, self.data.eval_batches(), self.method.eval_densities(config.eval.sweep),
                          out_dir, mean=config.data.mean, std=config.data.std,
                          timing_batch_sizes=tuple(config.eval.sweep_batch_sizes),
-                         title=f"{config.model}: one checkpoint (step {step}), every density")
+                         title=f"{config.model}: one checkpoint (step {step}), every density",
+                         evaluator=self.evaluator)
         logging.info("density sweep written to %s:\n%s", out_dir,
                      sweep_table(rows, tuple(config.eval.sweep_batch_sizes)))
         return rows

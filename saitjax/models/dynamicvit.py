@@ -146,11 +146,8 @@ class DynamicViT(VisionTransformer):
             return state.replace(keep=jnp.concatenate([prefix, decisions], axis=1)), {
                 "keep_masks": keep_mask, "decisions": decisions}
         # Deterministic rule: the inference top-k among the tokens still kept.
-        idx = token_ops.topk_indices(jnp.where(prev > 0, scores, -jnp.inf), k)
-        keep_patches = token_ops.indices_to_mask(idx, n)
-        return state.replace(keep=jnp.concatenate([prefix, keep_patches], axis=1)), {
-            "keep_masks": keep_patches, "decisions": keep_patches,
-            "keep_indices": token_ops.batched_gather(state.patch_index, idx)}
+        new, stage_aux = self.keep_top(state, scores, k, "mask")
+        return new, {**stage_aux, "decisions": stage_aux["keep_masks"]}
 
     def extra_macs(self, spec: SparsitySpec | None) -> float:
         """Predictor MACs under ``spec``: each runs on the tokens present at its stage."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from saitjax.models import token_ops
 from saitjax.models.deit import DEIT_SIZES
 from saitjax.models.registry import register_model
-from saitjax.models.vit import Aux, TokenState, VisionTransformer
+from saitjax.models.vit import Aux, TokenState, VisionTransformer, append_stage_aux
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -50,14 +50,11 @@ def adaptive_counts(scores: Array, alive: Array, spec: SparsitySpec, bounds: tup
     count is clamped to ``bounds`` and never exceeds the number of alive tokens.
     """
     alive = alive.astype(jnp.float32)
-    probs = scores * alive
-    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-12)
     n_alive = jnp.sum(alive, axis=-1).astype(jnp.int32)
     if spec.rule == "mass":
-        counts = token_ops.mass_keep_counts(probs, spec.threshold)
+        counts = token_ops.mass_keep_counts(scores * alive, spec.threshold)
     elif spec.rule == "value":
-        cut = spec.threshold / jnp.maximum(n_alive, 1).astype(jnp.float32)
-        counts = jnp.sum((probs >= cut[:, None]) & (alive > 0), axis=-1).astype(jnp.int32)
+        counts = token_ops.value_keep_counts(scores, spec.threshold, alive)
     else:
         raise SparsityError(f"rule {spec.rule!r} has no per-image count")
     lo, hi = bounds
@@ -82,7 +79,7 @@ class SaiT(VisionTransformer):
         p = self.num_prefix_tokens
         alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
         counts = adaptive_counts(scores, alive, spec, spec.count_bounds(self.num_patches))
-        idx, valid = token_ops.capacity_select(jnp.where(alive > 0, scores, -1.0), counts, scores.shape[-1])
+        idx, valid = token_ops.capacity_select(jnp.where(alive > 0, scores, -jnp.inf), counts, scores.shape[-1])
         keep_patches = token_ops.indices_to_mask(idx, scores.shape[-1], valid)
         keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
         mask = token_ops.indices_to_mask(state.patch_index, self.num_patches, keep_patches)
@@ -117,10 +114,8 @@ def _run_bucket(mdl: SaiT, state: TokenState, cls_attn: Array, scores: Array, co
     keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), valid.astype(jnp.float32)], axis=1)
     new = TokenState(token_ops.select_tokens(state.x, idx, p), keep, patch_index)
     aux = dict(aux)
-    stage_aux = {"keep_masks": token_ops.indices_to_mask(patch_index, n, valid), "kept_counts": counts,
-                 "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, n)}
-    for key, value in stage_aux.items():
-        aux[key] = aux.get(key, ()) + (value,)
+    append_stage_aux(aux, {"keep_masks": token_ops.indices_to_mask(patch_index, n, valid), "kept_counts": counts,
+                           "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, n)})
     logits, aux = mdl.run_blocks(new, cls_attn, spec, train, aux, start=spec.locations[0],
                                  select_at_start=False)
     # Identical output shapes in every branch: put per-token outputs back on the full grid.

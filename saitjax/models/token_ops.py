@@ -159,11 +159,19 @@ def mass_keep_counts(scores: Array, mass: float) -> Array:
     return jnp.sum(before < mass, axis=-1).astype(jnp.int32)
 
 
-def value_keep_counts(scores: Array, threshold: float) -> Array:
-    """Per-row number of tokens whose renormalised score is at least ``threshold / N``."""
-    n = scores.shape[-1]
-    probs = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-12)
-    return jnp.sum(probs >= threshold / n, axis=-1).astype(jnp.int32)
+def value_keep_counts(scores: Array, threshold: float, alive: Array | None = None) -> Array:
+    """Per-row number of tokens whose renormalised score is at least ``threshold / N``.
+
+    ``alive [B, N]`` (0/1, optional) restricts the rule to the tokens still kept: ``N`` is then
+    each row's number of alive tokens and only alive tokens are counted.
+    """
+    if alive is None:
+        alive = jnp.ones(scores.shape, jnp.float32)
+    alive = alive.astype(jnp.float32)
+    probs = scores * alive
+    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-12)
+    n = jnp.maximum(jnp.sum(alive, axis=-1, keepdims=True), 1.0)
+    return jnp.sum((probs >= threshold / n) & (alive > 0), axis=-1).astype(jnp.int32)
 
 
 def capacity_select(scores: Array, counts: Array, capacity: int) -> tuple[Array, Array]:

@@ -268,8 +268,7 @@ class VisionTransformer(nn.Module):
         for i in range(start, self.depth):
             if i in stages and (i != start or select_at_start):
                 state, stage_aux = self.select_tokens(stages[i], state, cls_attn, spec, train)
-                for key, value in stage_aux.items():
-                    aux[key] = aux.get(key, ()) + (value,)
+                append_stage_aux(aux, stage_aux)
             x, cls_attn = self.blocks[i](state.x, state.keep, train)
             state = state.replace(x=x)
         return self.classify(state, cls_attn, aux)
@@ -314,11 +313,17 @@ class VisionTransformer(nn.Module):
             return new, {"keep_masks": mask, "keep_indices": patch_index}
         # mask mode: all tokens stay; only those already kept can be chosen again
         alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
-        idx = token_ops.topk_indices(jnp.where(alive > 0, scores, -1.0), k)
+        idx = token_ops.topk_indices(jnp.where(alive > 0, scores, -jnp.inf), k)  # any score sign
         keep_patches = token_ops.indices_to_mask(idx, scores.shape[-1])
         keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
         return state.replace(keep=keep), {"keep_masks": keep_patches,
                                           "keep_indices": token_ops.batched_gather(state.patch_index, idx)}
+
+
+def append_stage_aux(aux: Aux, stage_aux: Aux) -> None:
+    """Add one pruning stage's entries to ``aux`` (each key holds a tuple, one item per stage)."""
+    for key, value in stage_aux.items():
+        aux[key] = aux.get(key, ()) + (value,)
 
 
 def interpolate_pos_embed(pos_embed: Array, num_prefix: int, new_grid: int) -> Array:
