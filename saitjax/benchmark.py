@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import saitjax
-from saitjax.flops import analytic_gmacs, mean_token_schedule, xla_flops
+from saitjax.flops import analytic_gmacs, per_image_gmacs, xla_flops
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density, parse_keep
 
 
@@ -56,23 +56,22 @@ class Variant:
 def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
     def forward(p, x):
         logits, aux = model.apply({"params": p}, x, sparsity=spec)
-        return logits, aux.get("keep_masks", ()), aux.get("capacity")
+        return logits, aux.get("kept_counts", ()), aux.get("capacity")
 
     start = time.perf_counter()
     compiled = jax.jit(forward).lower(params, images).compile()
     compile_s = time.perf_counter() - start
-    extra: dict[str, Any] = {}
-    if spec.is_adaptive:  # per-image counts: FLOPs at the measured mean count, and what ran
-        _, keep_masks, capacity = compiled(params, images)
-        fractions = [float(jnp.mean(m)) for m in keep_masks]
-        gmacs = analytic_gmacs(model, spec, mean_token_schedule(model, spec, fractions))
-        extra = {"kept_tokens_mean": fractions[-1] * model.num_patches,
-                 "kept_tokens_per_stage": [f * model.num_patches for f in fractions]}
-        if capacity is not None:  # every block from the first location runs at the bucket's capacity
-            extra.update(capacity=int(capacity), gmacs_executed=analytic_gmacs(
-                model, spec, mean_token_schedule(model, spec, [int(capacity) / model.num_patches] * len(fractions))))
-    else:
-        gmacs = analytic_gmacs(model, spec)
+    gmacs = analytic_gmacs(model, spec) if not spec.is_adaptive else None
+    extra: dict[str, Any] = {"gmacs_ideal": gmacs, "gmacs_executed": gmacs}
+    if spec.is_adaptive:  # per-image counts: each image's ideal cost, and the capacity it ran in
+        _, counts, capacity = compiled(params, images)
+        ideal = float(jnp.mean(per_image_gmacs(model, spec, counts)))
+        executed = float(jnp.mean(per_image_gmacs(model, spec, [capacity] * len(counts))))
+        gmacs = ideal
+        extra = {"gmacs_ideal": ideal, "gmacs_executed": executed,
+                 "kept_tokens_mean": float(jnp.mean(counts[-1])),
+                 "kept_tokens_per_stage": [float(jnp.mean(c)) for c in counts],
+                 "capacity_mean": float(jnp.mean(capacity)), "chunks": spec.chunks}
     variant = Variant(spec.describe(), lambda: jax.block_until_ready(compiled(params, images)), compile_s,
                       gmacs, xla_flops(compiled) / images.shape[0] / 1e9, spec.describe())
     variant.extra = extra
@@ -137,6 +136,7 @@ def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, r
                    "speedup_vs_first": base_ms / ms, "runs": runs, **env}
             if v.framework == "saitjax":
                 row["flop_ratio_vs_first"] = v.gmacs / base.gmacs
+                row["executed_flop_ratio_vs_first"] = v.extra["gmacs_executed"] / base.gmacs
             row.update(v.extra)
             rows.append(row)
             log(_format_row(row))
@@ -147,8 +147,9 @@ def _format_row(row: dict[str, Any]) -> str:
     flops = (f"{row['gmacs_analytic']:6.2f} GMACs  {row['gflops_xla']:6.2f} GFLOPs(XLA)"
              if row["framework"] == "saitjax" else f"{'':34s}")
     ratio = f"flop ratio {row['flop_ratio_vs_first']:.3f}" if "flop_ratio_vs_first" in row else ""
-    if "capacity" in row:
-        ratio += f"  kept {row['kept_tokens_mean']:.1f} tokens (mean), bucket {row['capacity']}"
+    if "capacity_mean" in row:
+        ratio += (f" (executed {row['executed_flop_ratio_vs_first']:.3f})  kept {row['kept_tokens_mean']:.1f} "
+                  f"tokens (mean), capacity {row['capacity_mean']:.1f} (mean, {row['chunks']} chunk(s))")
     return (f"{row['framework']:12s} bs {row['batch_size']:3d}  {row['spec']:28s} "
             f"{row['img_per_s']:8.1f} img/s {row['ms_per_batch']:9.1f} ms  compile {row['compile_s']:5.1f} s  "
             f"{flops}  speedup {row['speedup_vs_first']:.2f}x  {ratio}")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from saitjax import losses
+from saitjax.flops import per_image_gmacs
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
@@ -31,7 +32,12 @@ def eval_sums(model: Any, params: Any, batch: dict[str, Array], spec: SparsitySp
         sums["kept_fraction"] = jnp.sum(jnp.mean(kept, axis=-1) * valid)
         for stage, stage_mask in enumerate(aux["keep_masks"]):
             sums[f"kept_fraction_s{stage}"] = jnp.sum(jnp.mean(stage_mask, axis=-1) * valid)
-        if "capacity" in aux:  # SaiT capacity bucket the batch ran in (tokens), per example
+        if "kept_counts" in aux:  # per-image counts: the ideal cost of each image, and what ran
+            counts = aux["kept_counts"]
+            sums["gmacs"] = jnp.sum(per_image_gmacs(model, spec, counts) * valid)
+            ran = [aux["capacity"]] * len(counts) if "capacity" in aux else counts
+            sums["gmacs_executed"] = jnp.sum(per_image_gmacs(model, spec, ran) * valid)
+        if "capacity" in aux:  # capacity bucket each image ran in (tokens)
             sums["capacity"] = jnp.sum(aux["capacity"].astype(jnp.float32) * valid)
         if "mask" in batch:  # object masks of the generated dataset: where do kept tokens fall?
             obj = object_patches(batch["mask"], model.patch_size)
@@ -77,6 +83,6 @@ class Evaluator:
             results[label] = {"top1": float(acc["correct"]) / count, "loss": float(acc["loss"]) / count,
                               "count": count}
             for key in acc:
-                if key.startswith(("kept_", "capacity")):
+                if key.startswith(("kept_", "capacity", "gmacs")):
                     results[label][key] = float(acc[key]) / count
         return results

@@ -17,51 +17,61 @@ import jax
 from saitjax.sparsity import SparsitySpec
 
 
-def block_macs(tokens: float, dim: int, mlp_ratio: float = 4.0) -> float:
-    """MACs of one pre-norm transformer block on ``tokens`` tokens (CLS included)."""
-    return (4 + 2 * mlp_ratio) * tokens * dim ** 2 + 2 * tokens ** 2 * dim
+def block_macs(tokens: Any, dim: int, mlp_ratio: float = 4.0, mlp_tokens: Any = None) -> Any:
+    """MACs of one pre-norm transformer block (CLS included in the counts).
+
+    ``tokens`` enter the attention (qkv, QK^T, AV, output projection); ``mlp_tokens`` (default:
+    the same) reach the MLP: fewer when a method reduces tokens inside the block (EViT, ToMe).
+    Counts may be arrays (per image).
+    """
+    mlp_tokens = tokens if mlp_tokens is None else mlp_tokens
+    return 4 * tokens * dim ** 2 + 2 * tokens ** 2 * dim + 2 * mlp_ratio * mlp_tokens * dim ** 2
 
 
-def vit_macs(tokens_per_block: Sequence[float], *, dim: int, patch_size: int, num_patches: int,
+def vit_macs(tokens_per_block: Sequence[Any], *, dim: int, patch_size: int, num_patches: int,
              in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float = 4.0,
-             num_heads_out: int = 1) -> float:
-    """MACs of a ViT whose block ``i`` processes ``tokens_per_block[i]`` tokens."""
+             num_heads_out: int = 1) -> Any:
+    """MACs of a ViT whose block ``i`` processes ``tokens_per_block[i]`` tokens: a count, or an
+    ``(attention tokens, MLP tokens)`` pair."""
     patch = num_patches * dim * in_chans * patch_size ** 2
-    blocks = sum(block_macs(n, dim, mlp_ratio) for n in tokens_per_block)
+    blocks = 0
+    for n in tokens_per_block:
+        attn, mlp = n if isinstance(n, tuple) else (n, n)
+        blocks = blocks + block_macs(attn, dim, mlp_ratio, mlp)
     return patch + blocks + num_heads_out * dim * num_classes
 
 
-def analytic_gmacs(model: Any, spec: SparsitySpec | None = None,
-                   tokens_per_block: Sequence[float] | None = None) -> float:
-    """GMACs of ``model`` under ``spec`` (fixed counts) or an explicit (mean) token schedule.
-
-    Methods with extra modules (e.g. DynamicViT's predictors) add them through the model's
-    ``extra_macs(spec)`` hook.
-    """
-    schedule = tokens_per_block if tokens_per_block is not None else model.token_schedule(spec)
-    macs = vit_macs(schedule, dim=model.embed_dim, patch_size=model.patch_size,
+def _model_macs(model: Any, schedule: Sequence[Any]) -> Any:
+    return vit_macs(schedule, dim=model.embed_dim, patch_size=model.patch_size,
                     num_patches=model.num_patches, in_chans=model.in_chans,
                     num_classes=model.num_classes, mlp_ratio=model.mlp_ratio,
                     num_heads_out=2 if model.distilled else 1)
-    extra = getattr(model, "extra_macs", None)
-    if extra is not None:
-        macs += extra(spec)
-    return macs / 1e9
 
 
-def mean_token_schedule(model: Any, spec: SparsitySpec, stage_fractions: Sequence[float]) -> list[float]:
-    """Mean tokens entering each block given the mean kept fraction after each stage.
+def analytic_gmacs(model: Any, spec: SparsitySpec | None = None,
+                   tokens_per_block: Sequence[Any] | None = None) -> float:
+    """GMACs of ``model`` under ``spec`` (fixed counts) or an explicit token schedule.
 
-    For adaptive (per-image) rules; pass it to :func:`analytic_gmacs` as ``tokens_per_block``.
-    GMACs at the mean count slightly understate the attention term (``E[N^2] >= E[N]^2``).
+    Token counts come from the model (:meth:`VisionTransformer.block_token_counts`), so in-block
+    reductions count at the right place. Work a method adds (DynamicViT's predictors, ToMe's
+    matching, EViT's fusion) comes from the model's ``extra_macs(spec)`` hook.
     """
-    n, p = model.num_patches, model.num_prefix_tokens
-    counts = {} if spec.is_dense else {loc: f * n for loc, f in zip(spec.locations, stage_fractions)}
-    schedule, current = [], float(n)
-    for i in range(model.depth):
-        current = counts.get(i, current)
-        schedule.append(current + p)
-    return schedule
+    schedule = tokens_per_block if tokens_per_block is not None else model.block_token_counts(spec)
+    return float(_model_macs(model, schedule) + _extra_macs(model, spec)) / 1e9
+
+
+def per_image_gmacs(model: Any, spec: SparsitySpec, stage_counts: Sequence[Any]) -> Any:
+    """GMACs per image ``[B]`` given per-image patch counts after each pruning stage.
+
+    For adaptive rules: pass the kept counts for the ideal cost of each image, or the capacity
+    each image ran in for the executed cost. Works on NumPy and JAX arrays (inside jit too).
+    """
+    return (_model_macs(model, model.block_token_counts(spec, stage_counts)) + _extra_macs(model, spec)) / 1e9
+
+
+def _extra_macs(model: Any, spec: SparsitySpec | None) -> float:
+    extra = getattr(model, "extra_macs", None)
+    return 0.0 if extra is None else extra(spec)
 
 
 def xla_flops(compiled_or_fn: Any, *args: Any) -> float:

@@ -5,8 +5,14 @@ the benchmark speak. It is a frozen dataclass of Python scalars and tuples, so i
 static argument of ``jax.jit``: changing the density at inference means passing another spec,
 which selects another cached compiled function and never changes shapes inside one.
 
-Ratios are always fractions of the *original* number of patch tokens (196 for DeiT at 224 px),
-so DynamicViT's schedule at rho = 0.7 is ``keep_ratios=(0.7, 0.49, 0.343)``.
+Two reduction points exist. *Between* blocks (rules ``topk``, ``mass``, ``value``): tokens are
+selected before the blocks ``locations`` on the previous block's attention; ratios are fractions
+of the *original* number of patch tokens (196 for DeiT at 224 px), so DynamicViT's schedule at
+rho = 0.7 is ``keep_ratios=(0.7, 0.49, 0.343)``. *Inside* blocks, between attention and MLP
+(rules ``evit`` and ``tome``): EViT keeps ``ceil(rate * current patch tokens)`` at ``locations``
+and fuses the rest into one token (rates relative to the current count, as in the official
+code); ToMe merges ``r`` tokens in every block (``merge_r``: one int for all blocks, or one per
+block).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-KEEP_RULES = ("topk", "mass", "value", "skip")
+KEEP_RULES = ("topk", "mass", "value", "skip", "evit", "tome")
+IN_BLOCK_RULES = ("evit", "tome")  # reduce between attention and MLP of a block
+ADAPTIVE_RULES = ("mass", "value")  # per-image counts
 MODES = ("gather", "mask")
 DEFAULT_LOCATIONS = (3, 6, 9)
 
@@ -52,6 +60,15 @@ class SparsitySpec:
         branch per bucket. Increasing; empty means the single bucket 1.0.
       mode: ``gather`` shortens the sequence (real savings); ``mask`` keeps every token and hides
         the pruned ones from attention (training, and the equivalence check of the two).
+      chunks: adaptive rules at batch > 1 sort the images by their count and split the batch into
+        this many equal chunks, each run in its own bucket (1: the whole batch in the bucket of
+        its largest image). A batch that ``chunks`` does not divide uses its largest divisor
+        below ``chunks``.
+      fuse: ``evit`` only: fuse the inattentive tokens into one extra token (else drop them).
+      merge_r: ``tome`` only: tokens merged per block, one int for every block or one per block
+        from block 0 (missing blocks merge none).
+      inflect: ``tome`` only, with one ``r``: ToMe's linear schedule from ``r(1 - inflect)`` to
+        ``r(1 + inflect)`` over the blocks (-1: the paper's decreasing schedule).
     """
 
     locations: tuple[int, ...] = ()
@@ -62,10 +79,16 @@ class SparsitySpec:
     max_keep: float = 1.0
     buckets: tuple[float, ...] = ()
     mode: str = "gather"
+    chunks: int = 1
+    fuse: bool = True
+    merge_r: tuple[int, ...] = ()
+    inflect: float = 0.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("locations", _as_tuple(self.locations, int, "locations"))
+        set_("merge_r", _as_tuple(self.merge_r, int, "merge_r"))
+        set_("inflect", float(self.inflect))
         set_("keep_ratios", _as_tuple(self.keep_ratios, float, "keep_ratios"))
         set_("buckets", _as_tuple(self.buckets, float, "buckets"))
         if self.threshold is not None:
@@ -89,7 +112,29 @@ class SparsitySpec:
                     "e.g. 0.7 keeps 70 %; use rule='skip' (or SparsitySpec.dense()) for no pruning")
         if not 0.0 <= self.min_keep <= self.max_keep:
             raise SparsityError(f"min_keep={self.min_keep} must lie in [0, max_keep={self.max_keep}]")
-        if self.rule == "topk":
+        if self.rule in IN_BLOCK_RULES and self.mode != "gather":
+            raise SparsityError(f"rule {self.rule!r} reduces tokens inside blocks with static counts and "
+                                "has no 'mask' mode; it trains in 'gather' mode")
+        if self.chunks < 1 or (self.chunks > 1 and self.rule not in ADAPTIVE_RULES):
+            raise SparsityError(f"chunks={self.chunks}: micro-batch chunks (>= 1) apply to the adaptive "
+                                f"rules {ADAPTIVE_RULES} only, not {self.rule!r}")
+        if not self.fuse and self.rule != "evit":
+            raise SparsityError(f"fuse=False applies to rule 'evit' only, not {self.rule!r}")
+        if self.rule == "tome":
+            if locs or self.keep_ratios:
+                raise SparsityError("rule 'tome' merges in every block: give merge_r, not locations/keep_ratios")
+            if not self.merge_r or any(r < 0 for r in self.merge_r):
+                raise SparsityError(f"rule 'tome' needs merge_r: tokens merged per block (>= 0), got {self.merge_r}")
+            if self.inflect and len(self.merge_r) != 1:
+                raise SparsityError("inflect applies to a single r (ToMe's (r, inflect) schedule), not a per-block list")
+        elif self.merge_r or self.inflect:
+            raise SparsityError(f"merge_r/inflect apply to rule 'tome' only, not {self.rule!r}")
+        if self.rule == "evit":
+            if not locs or len(self.keep_ratios) != len(locs):
+                raise SparsityError(
+                    f"evit needs one keep rate per location: {len(locs)} locations {locs} but "
+                    f"{len(self.keep_ratios)} keep rates {self.keep_ratios}")
+        elif self.rule == "topk":
             if len(self.keep_ratios) != len(locs):
                 raise SparsityError(
                     f"topk needs one keep ratio per location: {len(locs)} locations {locs} but "
@@ -116,6 +161,14 @@ class SparsitySpec:
 
     def check_depth(self, depth: int) -> None:
         """Raise if a pruning location does not exist in a model of ``depth`` blocks."""
+        if self.rule == "tome" and len(self.merge_r) > depth:
+            raise SparsityError(f"merge_r gives {len(self.merge_r)} blocks but the model has {depth}")
+        if self.rule in IN_BLOCK_RULES:
+            bad = [l for l in self.locations if l >= depth]
+            if bad:
+                raise SparsityError(f"reduction blocks {bad} do not exist in a {depth}-block model "
+                                    f"(0-based: 0..{depth - 1})")
+            return
         bad = [l for l in self.locations if l >= depth or l == 0]
         if bad and not self.is_dense:
             raise SparsityError(
@@ -153,20 +206,55 @@ class SparsitySpec:
         return cls(locations=tuple(locations), rule=rule, threshold=threshold, min_keep=min_keep,
                    max_keep=max_keep, buckets=tuple(buckets), mode=mode)
 
+    @classmethod
+    def evit(cls, keep_rate: float | Sequence[float] = 0.7, locations: Sequence[int] = DEFAULT_LOCATIONS,
+             fuse: bool = True) -> "SparsitySpec":
+        """EViT: inside blocks ``locations`` keep ``ceil(rate * current patch tokens)``, fuse the rest."""
+        rates = (keep_rate,) * len(locations) if isinstance(keep_rate, (int, float)) else tuple(keep_rate)
+        return cls(locations=tuple(locations), keep_ratios=rates, rule="evit", fuse=fuse)
+
+    @classmethod
+    def tome(cls, r: int | Sequence[int], inflect: float = 0.0) -> "SparsitySpec":
+        """ToMe: merge ``r`` tokens in every block (an int), or ``r[i]`` in block ``i`` (a list)."""
+        merge_r = (r,) if isinstance(r, int) else tuple(r)
+        return cls(rule="tome", merge_r=merge_r, inflect=inflect)
+
     def with_mode(self, mode: str) -> "SparsitySpec":
         return dataclasses.replace(self, mode=mode)
+
+    def with_chunks(self, chunks: int) -> "SparsitySpec":
+        return dataclasses.replace(self, chunks=chunks)
 
     # -- static sizes ----------------------------------------------------------------------------
 
     @property
     def is_dense(self) -> bool:
+        if self.rule == "tome":
+            return all(r == 0 for r in self.merge_r)
         return self.rule == "skip" or not self.locations or (
-            self.rule == "topk" and all(r == 1.0 for r in self.keep_ratios)) or (
+            self.rule in ("topk", "evit") and all(r == 1.0 for r in self.keep_ratios)) or (
             self.rule == "mass" and self.threshold >= 1.0)
 
     @property
     def is_adaptive(self) -> bool:
-        return self.rule in ("mass", "value")
+        return self.rule in ADAPTIVE_RULES
+
+    @property
+    def in_block(self) -> bool:
+        """True if tokens are reduced inside blocks (between attention and MLP)."""
+        return self.rule in IN_BLOCK_RULES
+
+    def merge_schedule(self, depth: int) -> tuple[int, ...]:
+        """ToMe's ``r`` per block (``tome.utils.parse_r``): an int for all blocks, the linear
+        ``(r, inflect)`` schedule, or a per-block list padded with zeros."""
+        if self.rule != "tome":
+            return (0,) * depth
+        if len(self.merge_r) > 1:
+            return self.merge_r + (0,) * (depth - len(self.merge_r))
+        r = self.merge_r[0]
+        low = int(r * (1.0 - self.inflect))
+        step = (2 * r - 2 * low) / max(depth - 1, 1)
+        return tuple(int(low + step * i) for i in range(depth))
 
     def keep_counts(self, num_patches: int) -> tuple[int, ...]:
         """Static patch-token counts after each stage of a ``topk`` spec (at least 1)."""
@@ -201,12 +289,20 @@ class SparsitySpec:
         if self.is_dense:
             return "dense"
         locs = "/".join(str(l) for l in self.locations)
-        if self.rule == "topk":
-            return f"topk:{'/'.join(f'{r:.6g}' for r in self.keep_ratios)}@{locs}"
+        if self.rule == "tome":
+            inflect = f",inflect={self.inflect:g}" if self.inflect else ""
+            return f"tome:{'/'.join(map(str, self.merge_r))}{inflect}"
+        if self.rule in ("topk", "evit"):
+            rates = self.keep_ratios
+            if self.rule == "evit" and len(set(rates)) == 1:
+                rates = rates[:1]
+            fuse = "" if self.fuse else ",fuse=0"
+            return f"{self.rule}:{'/'.join(f'{r:.6g}' for r in rates)}@{locs}{fuse}"
         extra = ""
         if (self.min_keep, self.max_keep) != (0.0, 1.0):
             extra += f"[{self.min_keep:g}-{self.max_keep:g}]"
-        return f"{self.rule}:{self.threshold:g}{extra}@{locs}"
+        chunks = f",chunks={self.chunks}" if self.chunks > 1 else ""
+        return f"{self.rule}:{self.threshold:g}{extra}@{locs}{chunks}"
 
 
 def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
@@ -214,7 +310,10 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     """Parse a density string as used in configs and CLIs.
 
     ``dense``; ``topk:0.7`` (rho, rho^2, ... at ``locations``); ``topk:0.7/0.5/0.3@3/6/9``;
-    ``mass:0.9@3``; ``value:1.0[0.1-0.9]@3`` (optional ``[min_keep-max_keep]`` clamp).
+    ``mass:0.9@3``; ``value:1.0[0.1-0.9]@3`` (optional ``[min_keep-max_keep]`` clamp);
+    ``evit:0.7@3/6/9`` (EViT keep rate inside those blocks; ``,fuse=0`` drops instead of fusing);
+    ``tome:13`` (ToMe, r per block; ``tome:16/16/12/8``, ``tome:13,inflect=-1``). Options
+    ``,chunks=4`` (adaptive rules: sorted micro-batches) follow the main part.
     """
     text = text.strip()
     if text in ("dense", "skip"):
@@ -222,9 +321,17 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     rule, sep, rest = text.partition(":")
     if not sep or rule not in KEEP_RULES:
         raise SparsityError(f"cannot parse density {text!r}: expected 'dense', 'topk:0.7', "
-                            "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3' or 'value:1.0@3'")
-    param, _, locs_text = rest.partition("@")
+                            "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3', 'value:1.0@3', 'evit:0.7@3/6/9' "
+                            "or 'tome:13'")
+    main, *option_texts = rest.split(",")
+    param, _, locs_text = main.partition("@")
     try:
+        options = {}
+        for opt in option_texts:
+            key, eq, value = opt.partition("=")
+            if not eq or key.strip() not in ("chunks", "fuse", "inflect"):
+                raise ValueError(f"unknown option {opt!r} (options: chunks=N, fuse=0/1, inflect=X)")
+            options[key.strip()] = float(value)
         locs = tuple(int(l) for l in locs_text.split("/")) if locs_text else tuple(locations)
         clamp = (0.0, 1.0)
         if "[" in param:
@@ -233,14 +340,27 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
         values = [float(v) for v in param.split("/")]
     except ValueError as err:
         raise SparsityError(f"cannot parse density {text!r}: {err}") from None
-    if rule == "topk":
-        if len(values) == 1:
-            return SparsitySpec.hierarchical(values[0], locs)
-        return SparsitySpec.topk(values, locs)
-    if len(values) != 1:
+    extra = {}
+    if "chunks" in options:
+        extra["chunks"] = int(options.pop("chunks"))
+    if rule == "tome":
+        if any(v != int(v) for v in values):
+            raise SparsityError(f"density {text!r}: ToMe's r must be whole token counts")
+        r = [int(v) for v in values]
+        spec = SparsitySpec.tome(r[0] if len(r) == 1 else r, options.pop("inflect", 0.0))
+    elif rule == "evit":
+        spec = SparsitySpec.evit(values[0] if len(values) == 1 else values, locs,
+                                 fuse=bool(options.pop("fuse", 1.0)))
+    elif rule == "topk":
+        spec = SparsitySpec.hierarchical(values[0], locs) if len(values) == 1 else SparsitySpec.topk(values, locs)
+    elif len(values) != 1:
         raise SparsityError(f"density {text!r}: rule {rule!r} takes one threshold")
-    return SparsitySpec.adaptive(rule, values[0], locs, min_keep=clamp[0], max_keep=clamp[1],
-                                 buckets=buckets)
+    else:
+        spec = SparsitySpec.adaptive(rule, values[0], locs, min_keep=clamp[0], max_keep=clamp[1],
+                                     buckets=buckets)
+    if options:
+        raise SparsityError(f"density {text!r}: option(s) {sorted(options)} do not apply to rule {rule!r}")
+    return dataclasses.replace(spec, **extra) if extra else spec
 
 
 def parse_keep(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS) -> SparsitySpec:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saitjax.evaluate import Evaluator
-from saitjax.flops import analytic_gmacs, mean_token_schedule
+from saitjax.flops import analytic_gmacs
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
@@ -40,13 +40,21 @@ def local_numpy(batch: dict[str, Array]) -> dict[str, np.ndarray]:
 
 
 def forward_fn(model: Any, spec: SparsitySpec):
-    """Jitted ``(params, images) -> (logits, final keep mask [B, N_patches])`` at ``spec``."""
+    """Jitted ``(params, images) -> (logits, final keep mask [B, N_patches])`` at ``spec``.
+
+    Pruning methods report their last keep mask; merging/fusing methods show the patches that
+    still have a token of their own (merged and fused patches are greyed).
+    """
 
     def forward(params, images):
         logits, aux = model.apply({"params": params}, images, sparsity=spec)
         masks = aux.get("keep_masks")
-        keep = masks[-1] if masks else jnp.ones((images.shape[0], model.num_patches), jnp.float32)
-        return logits, keep
+        if masks:
+            return logits, masks[-1]
+        # In-block methods (EViT, ToMe): a patch is shown as kept while it still has a token of its own.
+        source = aux["source"]
+        own = jnp.take_along_axis(aux["token_size"], jnp.maximum(source, 0), axis=1) == 1
+        return logits, ((source >= 0) & own).astype(jnp.float32)
 
     return jax.jit(forward)
 
@@ -92,13 +100,19 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     masks = []
     for label, spec in densities:
         r = results[label]
-        stages = len(spec.locations) if not spec.is_dense else 0
+        stages = len(spec.locations) if not spec.is_dense and not spec.in_block else 0
         fractions = [r.get(f"kept_fraction_s{s}", 1.0) for s in range(stages)]
+        # Fixed counts cost the same for every image; per-image counts report the mean of each
+        # image's ideal cost and of the capacity it actually ran in.
+        static, final_tokens = None, model.num_patches
+        if not spec.is_adaptive:
+            static = analytic_gmacs(model, spec)
+            final_tokens = model.block_token_counts(spec)[-1][1] - model.num_prefix_tokens
         row = {"density": label, "top1": r["top1"], "loss": r["loss"],
-               "kept_fraction": r.get("kept_fraction", 1.0),
-               "kept_tokens": r.get("kept_fraction", 1.0) * model.num_patches,
+               "kept_fraction": r.get("kept_fraction", final_tokens / model.num_patches),
                "stage_kept_fractions": fractions,
-               "gmacs": analytic_gmacs(model, spec, mean_token_schedule(model, spec, fractions))}
+               "gmacs": r.get("gmacs", static), "gmacs_executed": r.get("gmacs_executed", static)}
+        row["kept_tokens"] = row["kept_fraction"] * model.num_patches
         for key in ("kept_object", "kept_background", "capacity"):
             if key in r:
                 row[key] = r[key]
@@ -109,7 +123,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
         rows.append(row)
     dense = next((row for row in rows if row["density"] == "dense"), rows[0])
     for row in rows:
-        row["gmacs_ratio"] = row["gmacs"] / dense["gmacs"]
+        row["gmacs_ratio"] = row["gmacs_executed"] / dense["gmacs_executed"]
         row["top1_delta"] = row["top1"] - dense["top1"]
         for bs in timing_batch_sizes:
             row[f"speedup_bs{bs}"] = row[f"img_per_s_bs{bs}"] / dense[f"img_per_s_bs{bs}"]
@@ -123,7 +137,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
 
     speed_key = f"img_per_s_bs{max(timing_batch_sizes)}"
     plot_pareto([{**row, "img_per_s": row[speed_key]} for row in rows], os.path.join(out_dir, "pareto.png"),
-                x="gmacs", y="top1", label="density", title=title or "accuracy vs compute, one checkpoint")
+                x="gmacs_executed", y="top1", label="density", title=title or "accuracy vs compute, one checkpoint")
     pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     plot_kept_tokens(pixels, masks, [label for label, _ in densities],
                      os.path.join(out_dir, "kept_tokens.png"), patch_size=model.patch_size,
@@ -135,12 +149,12 @@ def sweep_table(rows: list[dict[str, Any]], timing_batch_sizes: Sequence[int] = 
     """Markdown table of a sweep (one row per density)."""
     speed_cols = "".join(f" img/s bs{bs} (speedup) |" for bs in timing_batch_sizes)
     has_object = any("kept_object" in r for r in rows)
-    header = ("| density | top-1 | Δ top-1 | kept tokens (mean) | GMACs | FLOP ratio |"
+    header = ("| density | top-1 | Δ top-1 | kept tokens (mean) | GMACs ideal | GMACs executed | FLOP ratio (executed) |"
               + (" object kept | background kept |" if has_object else "") + speed_cols)
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         line = (f"| {r['density']} | {100 * r['top1']:.2f} % | {100 * r['top1_delta']:+.2f} | "
-                f"{r['kept_tokens']:.1f} | {r['gmacs']:.4f} | {r['gmacs_ratio']:.3f} |")
+                f"{r['kept_tokens']:.1f} | {r['gmacs']:.4f} | {r['gmacs_executed']:.4f} | {r['gmacs_ratio']:.3f} |")
         if has_object:
             obj, bg = r.get("kept_object"), r.get("kept_background")
             line += (f" {100 * obj:.1f} % | {100 * bg:.1f} % |" if obj is not None else " | |")

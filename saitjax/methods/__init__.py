@@ -2,9 +2,12 @@
 
 from saitjax.methods.base import Method
 from saitjax.methods.dynamicvit import DynamicViTMethod
+from saitjax.methods.evit import EViTMethod
 from saitjax.methods.sait import SaiTMethod
 
-METHODS: dict[str, type[Method]] = {"dense": Method, "dynamicvit": DynamicViTMethod, "sait": SaiTMethod}
+# "supervised" (alias "dense"): plain training at the model's own sparsity (dense DeiT, ToMe's r).
+METHODS: dict[str, type[Method]] = {"dense": Method, "supervised": Method, "dynamicvit": DynamicViTMethod,
+                                    "evit": EViTMethod, "sait": SaiTMethod}
 
 
 def build_method(config, model) -> Method:

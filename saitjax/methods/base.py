@@ -21,7 +21,11 @@ Metrics = dict[str, Array]
 
 
 class Method:
-    """Supervised training of the (dense) model, with optional logit distillation."""
+    """Supervised training of the model at its own sparsity, with optional logit distillation.
+
+    The model's ``default_sparsity()`` is dense for DeiT and the model's own schedule for methods
+    that train with their static reduction in place (ToMe's ``r``; EViT adds a warm-up).
+    """
 
     name = "dense"
     # Fields a config may set under ``method_kwargs``, with their defaults.
@@ -52,7 +56,7 @@ class Method:
 
     def train_sparsity(self, step: int) -> SparsitySpec:
         """The (static) sparsity of training step ``step``; the same on every host."""
-        return SparsitySpec.dense()
+        return self.model.default_sparsity()
 
     def eval_densities(self, texts: tuple[str, ...] | None = None) -> list[tuple[str, SparsitySpec]]:
         """``(label, spec)`` pairs evaluated at each evaluation (or of the density strings ``texts``)."""
@@ -80,5 +84,6 @@ class Method:
         return loss, metrics
 
     def teacher_logits(self, teacher_params: Any, images: Array) -> Array:
-        logits, _ = self.model.apply({"params": teacher_params}, images, train=False)
+        logits, _ = self.model.apply({"params": teacher_params}, images, train=False,
+                                     sparsity=SparsitySpec.dense())
         return jax.lax.stop_gradient(logits)

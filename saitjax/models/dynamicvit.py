@@ -102,17 +102,18 @@ class DynamicViT(VisionTransformer):
 
     def __call__(self, images: Array, *, train: bool = False,
                  sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
-        spec = self.default_sparsity() if sparsity is None else sparsity
         if self.is_initializing():
             # Create every predictor's parameters even when the init spec does not use them.
             c = self.embed_dim
             for predictor in self.predictor:
                 predictor(jnp.zeros((1, 1, c), self.dtype), jnp.ones((1, 1), jnp.float32))
-        return super().__call__(images, train=train, sparsity=spec)
+        return super().__call__(images, train=train, sparsity=sparsity)
 
     # -- pruning -------------------------------------------------------------------------------
 
     def check_spec(self, spec: SparsitySpec) -> None:
+        if spec.is_dense:
+            return
         if spec.rule != "topk":
             raise SparsityError(
                 f"{type(self).__name__} keeps a fixed number of tokens per stage (rule 'topk'); "

@@ -14,30 +14,26 @@ to sum to 1 over the patch tokens. A keep rule turns TIS into a per-image count 
 
 * ``mode="mask"`` (training, and the reference for tests): all tokens stay; pruned keys are
   hidden from attention.
-* ``mode="gather"`` (inference): at the first location the batch picks the smallest capacity
-  bucket holding its largest ``K_b`` (``lax.switch`` inside the jitted function, one compiled
-  function per spec whatever the batch), gathers that many top-scored tokens, and masks the
-  padding slots of images that need fewer. Later locations refine the validity mask inside
-  the bucket (a nested switch would multiply the compiled branches).
+* ``mode="gather"`` (inference): the shared capacity-bucket runner (:mod:`saitjax.models.buckets`)
+  runs each (sorted micro-batch of the) batch in the smallest bucket holding its largest ``K_b``
+  (``lax.switch`` inside the jitted function, one compiled function per spec whatever the
+  batch), and masks the padding slots of images that need fewer. Later locations refine the
+  validity mask inside the bucket (a nested switch would multiply the compiled branches).
 
-In gather mode the branches must return identical shapes, so ``aux["tokens"]`` and
-``aux["cls_attn"]`` are scattered back to the full grid (zeros at pruned tokens) and
-``aux["capacity"]`` says which bucket ran. Every rule reports per-stage ``keep_masks``,
+In gather mode ``aux["tokens"]`` and ``aux["cls_attn"]`` come back on the full grid (zeros at
+pruned tokens) and ``aux["capacity"] [B]`` says which capacity each image ran in. Every rule reports per-stage ``keep_masks``,
 ``kept_counts`` and ``token_scores`` (TIS on the original grid; used by token-selection KD).
 """
 
 from __future__ import annotations
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
 from saitjax.models.deit import DEIT_SIZES
 from saitjax.models.registry import register_model
-from saitjax.models.vit import Aux, TokenState, VisionTransformer, append_stage_aux
+from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -86,49 +82,14 @@ class SaiT(VisionTransformer):
         return state.replace(keep=keep), {"keep_masks": mask, "kept_counts": counts,
                                           "token_scores": grid_scores}
 
-    def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
-                   aux: Aux, start: int = 0, select_at_start: bool = True) -> tuple[Array, Aux]:
-        bucketed = spec.is_adaptive and spec.mode == "gather" and not spec.is_dense
-        first = spec.locations[0] if bucketed else -1
-        if not bucketed or start > first or (start == first and not select_at_start):
-            return super().run_blocks(state, cls_attn, spec, train, aux, start, select_at_start)
-        for i in range(start, first):  # dense blocks before the first location
-            x, cls_attn = self.blocks[i](state.x, state.keep, train)
-            state = state.replace(x=x)
+    def per_image_counts(self, stage: int, state: TokenState, cls_attn: Array,
+                         spec: SparsitySpec) -> tuple[Array, Array, Aux]:
+        """TIS and the rule's per-image counts at the first location (the bucket runner's input)."""
         scores = self.token_scores(state, cls_attn)
         counts = adaptive_counts(scores, jnp.ones(scores.shape, jnp.float32), spec,
                                  spec.count_bounds(self.num_patches))
-        capacities = spec.bucket_capacities(self.num_patches)
-        bucket = token_ops.choose_bucket(counts, capacities)
-        branches = [functools.partial(_run_bucket, capacity=cap, spec=spec, train=train)
-                    for cap in capacities]
-        return nn.switch(bucket, branches, self, state, cls_attn, scores, counts, aux)
-
-
-def _run_bucket(mdl: SaiT, state: TokenState, cls_attn: Array, scores: Array, counts: Array, aux: Aux,
-                *, capacity: int, spec: SparsitySpec, train: bool) -> tuple[Array, Aux]:
-    """One capacity bucket: gather the top ``capacity`` tokens, mask each image's surplus, finish."""
-    p, n = mdl.num_prefix_tokens, mdl.num_patches
-    idx, valid = token_ops.capacity_select(scores, counts, capacity)
-    patch_index = token_ops.batched_gather(state.patch_index, idx)
-    keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), valid.astype(jnp.float32)], axis=1)
-    new = TokenState(token_ops.select_tokens(state.x, idx, p), keep, patch_index)
-    aux = dict(aux)
-    append_stage_aux(aux, {"keep_masks": token_ops.indices_to_mask(patch_index, n, valid), "kept_counts": counts,
-                           "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, n)})
-    logits, aux = mdl.run_blocks(new, cls_attn, spec, train, aux, start=spec.locations[0],
-                                 select_at_start=False)
-    # Identical output shapes in every branch: put per-token outputs back on the full grid.
-    tokens, final_index = aux["tokens"], aux["patch_index"]
-    aux["tokens"] = jnp.concatenate(
-        [tokens[:, :p], token_ops.scatter_to_grid(tokens[:, p:], final_index, n)], axis=1)
-    attn = jnp.swapaxes(aux["cls_attn"], 1, 2)  # [B, N, H]
-    aux["cls_attn"] = jnp.swapaxes(jnp.concatenate(
-        [attn[:, :p], token_ops.scatter_to_grid(attn[:, p:], final_index, n)], axis=1), 1, 2)
-    aux["patch_index"] = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (scores.shape[0], n))
-    aux["capacity"] = jnp.asarray(capacity, jnp.int32)
-    aux.pop("keep_indices", None)
-    return logits, aux
+        return scores, counts, {"token_scores": token_ops.scatter_to_grid(scores, state.patch_index,
+                                                                           self.num_patches)}
 
 
 def _register_sait() -> None:

@@ -11,7 +11,7 @@ distillation token of distilled DeiT), which are never pruned.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,8 @@ def scatter_to_grid(values: Array, idx: Array, num_patches: int, fill: float = 0
     batch = values.shape[0]
     out = jnp.full((batch, num_patches) + values.shape[2:], fill, dtype=values.dtype)
     rows = jnp.arange(batch)[:, None]
-    return out.at[rows, idx].set(values)
+    # Indices >= num_patches (e.g. EViT's fused token, which stands for no single patch) are dropped.
+    return out.at[rows, idx].set(values, mode="drop")
 
 
 def indices_to_mask(idx: Array, num_patches: int, valid: Array | None = None) -> Array:
@@ -61,9 +62,31 @@ def indices_to_mask(idx: Array, num_patches: int, valid: Array | None = None) ->
 
 
 def select_tokens(x: Array, idx: Array, num_prefix: int) -> Array:
-    """Keep the prefix tokens and the patch tokens at ``idx``: ``[B, num_prefix + k, C]``."""
+    """Keep the prefix tokens and the patch tokens at ``idx``: ``[B, num_prefix + k, ...]``."""
     kept = batched_gather(x[:, num_prefix:], idx)
     return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each original patch lives: position maps
+# ----------------------------------------------------------------------------------------------
+
+
+def positions_after_gather(idx: Array, num_tokens: int, num_prefix: int) -> Array:
+    """``old_to_new [B, num_tokens]`` of :func:`select_tokens`: the new position of every old
+    token (prefix included), ``-1`` for the tokens it drops."""
+    batch, k = idx.shape
+    prefix = jnp.broadcast_to(jnp.arange(num_prefix, dtype=jnp.int32), (batch, num_prefix))
+    new = jnp.broadcast_to(jnp.arange(num_prefix, num_prefix + k, dtype=jnp.int32), (batch, k))
+    patches = scatter_to_grid(new, idx, num_tokens - num_prefix, fill=-1)
+    return jnp.concatenate([prefix, patches], axis=1)
+
+
+def relabel_source(source: Array, old_to_new: Array) -> Array:
+    """Follow a reduction: ``source [B, N_p]`` (position of the token holding each original
+    patch, ``-1`` = discarded) through ``old_to_new [B, N_old]``."""
+    mapped = jnp.take_along_axis(old_to_new, jnp.maximum(source, 0), axis=1)
+    return jnp.where(source >= 0, mapped, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +220,7 @@ def choose_bucket(counts: Array, capacities: Sequence[int]) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# EViT: fuse the inattentive tokens into one
+# In-block reduction: EViT fusion and ToMe merging
 # ----------------------------------------------------------------------------------------------
 
 
@@ -211,3 +234,87 @@ def fuse_inattentive(patches: Array, weights: Array, keep_idx: Array) -> Array:
     total = jnp.einsum("bn,bnc->bc", w, patches)
     kept = jnp.einsum("bk,bkc->bc", batched_gather(w, keep_idx), batched_gather(patches, keep_idx))
     return (total - kept)[:, None, :]
+
+
+class MergePlan(NamedTuple):
+    """ToMe's bipartite matching of one block (all ``int32``, static shapes).
+
+    Tokens at even positions form set A (CLS is A's first), odd positions set B. ``src [B, r]``:
+    the A tokens merged away; ``dst [B, r]``: the B token each of them joins; ``unmerged
+    [B, |A| - r]``: the A tokens that stay, in ascending A order.
+    """
+
+    src: Array
+    dst: Array
+    unmerged: Array
+
+
+def bipartite_soft_matching(metric: Array, r: int, num_prefix: int) -> MergePlan:
+    """Pick the ``r`` A->B merges with the most similar keys (ToMe, Bolya et al. 2023).
+
+    ``metric [B, N, d]``: the block's keys averaged over heads. Cosine similarity of every A token
+    to every B token; each A token proposes its best B partner and the ``r`` best proposals merge.
+    CLS (A's first token) never merges, and with a distillation token (B's first) nothing merges
+    into it. The ranking uses a stable descending sort (ties go to the lower A index). No
+    gradient flows through the matching, as in the official code.
+    """
+    if not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be a non-negative Python int, got {r!r}")
+    metric = jax.lax.stop_gradient(metric.astype(jnp.float32))
+    metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+    a, b = metric[:, 0::2], metric[:, 1::2]
+    scores = a @ jnp.swapaxes(b, -1, -2)  # [B, |A|, |B|]
+    scores = scores.at[:, 0, :].set(-jnp.inf)
+    if num_prefix > 1:
+        scores = scores.at[:, :, 0].set(-jnp.inf)
+    node_max = jnp.max(scores, axis=-1)
+    node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    order = jnp.argsort(-node_max, axis=-1, stable=True).astype(jnp.int32)
+    src = order[:, :r]
+    return MergePlan(src=src, dst=batched_gather(node_idx, src), unmerged=jnp.sort(order[:, r:], axis=-1))
+
+
+def merge_order(plan: MergePlan, num_tokens: int, num_prefix: int) -> tuple[Array, Array]:
+    """``(kept_old, old_to_new)`` of a merge: the old position of each output token ``[B, N - r]``
+    and the new position of every old token ``[B, N]`` (a merged A token maps to its B partner).
+
+    ToMe's output order is ``[unmerged A (ascending), B (original order)]``; with a distillation
+    token ``[CLS, dist, rest of unmerged A, rest of B]``. The next block splits by position, so
+    this order decides later matches.
+    """
+    batch = plan.src.shape[0]
+    num_b = num_tokens // 2
+    a_pos = 2 * plan.unmerged
+    b_pos = jnp.broadcast_to(2 * jnp.arange(num_b, dtype=jnp.int32) + 1, (batch, num_b))
+    if num_prefix > 1:
+        kept_old = jnp.concatenate([a_pos[:, :1], b_pos[:, :1], a_pos[:, 1:], b_pos[:, 1:]], axis=1)
+    else:
+        kept_old = jnp.concatenate([a_pos, b_pos], axis=1)
+    n_new = kept_old.shape[1]
+    rows = jnp.arange(batch)[:, None]
+    new = jnp.broadcast_to(jnp.arange(n_new, dtype=jnp.int32), (batch, n_new))
+    old_to_new = jnp.full((batch, num_tokens), -1, jnp.int32).at[rows, kept_old].set(new)
+    partner = jnp.take_along_axis(old_to_new, 2 * plan.dst + 1, axis=1)
+    return kept_old, old_to_new.at[rows, 2 * plan.src].set(partner)
+
+
+def merge_weighted(x: Array, size: Array, plan: MergePlan, kept_old: Array) -> tuple[Array, Array]:
+    """Size-weighted average merge: ``x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a)``.
+
+    ``x [B, N, C]``, ``size [B, N]``. The scatter-add into B is a one-hot contraction, which is
+    deterministic on every backend (a GPU scatter-add is not). Returns ``(x [B, N - r, C],
+    size [B, N - r])`` in the order of ``kept_old``.
+    """
+    size = size.astype(jnp.float32)
+    weighted = x.astype(jnp.float32) * size[..., None]
+    xa, xb = weighted[:, 0::2], weighted[:, 1::2]
+    sa, sb = size[:, 0::2], size[:, 1::2]
+    onehot = jax.nn.one_hot(plan.dst, xb.shape[1], dtype=jnp.float32)  # [B, r, |B|]
+    xb = xb + jnp.einsum("brn,brc->bnc", onehot, batched_gather(xa, plan.src))
+    sb = sb + jnp.einsum("brn,br->bn", onehot, batched_gather(sa, plan.src))
+    # Reassemble the full sequence and pick the survivors in output order.
+    full_x = jnp.zeros(weighted.shape, jnp.float32).at[:, 0::2].set(xa).at[:, 1::2].set(xb)
+    full_s = jnp.zeros(size.shape, jnp.float32).at[:, 0::2].set(sa).at[:, 1::2].set(sb)
+    new_size = batched_gather(full_s, kept_old)
+    new_x = batched_gather(full_x, kept_old) / new_size[..., None]
+    return new_x.astype(x.dtype), new_size

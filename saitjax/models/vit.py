@@ -5,15 +5,23 @@ XLA:CPU an einsum over ``(B, N, H, d)`` measured up to 3.5x slower). Parameter n
 timm's DeiT (``patch_embed/proj``, ``blocks_3/attn/qkv``, ``norm``, ``head``), so converted
 checkpoints are readable and every sparse variant loads dense weights unchanged.
 
-Sparse methods subclass :class:`VisionTransformer` and override :meth:`select_tokens`; the base
-class implements the parameter-free rule: keep the patch tokens that the CLS token attends to
-most in the previous block (head-averaged), with a static count per stage.
+Two reduction points, as hooks a method module overrides (one or both; a method is never a
+subclass of another method):
+
+* :meth:`VisionTransformer.select_tokens` *between* blocks, on the previous block's attention
+  (DynamicViT, SaiT, AS-ViT). The base class keeps the patch tokens the CLS token attends to most
+  (head-averaged), with a static count per stage.
+* :meth:`VisionTransformer.reduce_in_block` *inside* a block, between the attention residual and
+  the MLP, on this block's attention (EViT fusion, ToMe merging). The base class does nothing.
+
+Per-image counts (adaptive rules) run through the shared capacity-bucket runner
+(:mod:`saitjax.models.buckets`); a model supplies the counts through :meth:`per_image_counts`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,16 +39,38 @@ _LN_EPS = 1e-6
 
 
 class TokenState(struct.PyTreeNode):
-    """Tokens between blocks.
+    """Tokens between (and inside) blocks: one small pytree every reduction reads and writes.
 
-    ``x [B, N, C]`` starts with the prefix tokens (CLS, distillation). ``keep [B, N]`` is a 0/1
-    float mask of tokens visible as attention keys (``None``: all), used by masked training and by
-    capacity padding. ``patch_index [B, N - prefix]`` is each patch token's original grid index.
+    * ``x [B, N, C]``: the tokens, prefix (CLS, distillation) first.
+    * ``keep [B, N]``: 0/1 float mask of tokens visible as attention keys (``None``: all); masked
+      training and capacity padding use it.
+    * ``patch_index [B, N - prefix]``: the original grid index each patch token stands for (a
+      merged token: the one it was merged into; EViT's fused token: ``num_patches``, none).
+    * ``size [B, N]``: how many original tokens each token stands for (ToMe's merged sizes, EViT's
+      fused token); drives proportional attention. 1 for every token of the dense model.
+    * ``source [B, num_patches]``: position in ``x`` of the token holding each original patch,
+      ``-1`` once the patch is discarded. Draws what any method kept, fused or merged.
     """
 
     x: Array
     keep: Array | None
     patch_index: Array
+    size: Array
+    source: Array
+
+    @classmethod
+    def initial(cls, x: Array, num_prefix: int) -> "TokenState":
+        b, n = x.shape[:2]
+        grid = jnp.broadcast_to(jnp.arange(n - num_prefix, dtype=jnp.int32), (b, n - num_prefix))
+        return cls(x, None, grid, jnp.ones((b, n), jnp.float32), grid + num_prefix)
+
+    def gather(self, idx: Array, num_prefix: int, keep: Array | None = None) -> "TokenState":
+        """Keep the prefix and the patch tokens at ``idx [B, k]`` (in that order)."""
+        old_to_new = token_ops.positions_after_gather(idx, self.x.shape[1], num_prefix)
+        return TokenState(token_ops.select_tokens(self.x, idx, num_prefix), keep,
+                          token_ops.batched_gather(self.patch_index, idx),
+                          token_ops.select_tokens(self.size, idx, num_prefix),
+                          token_ops.relabel_source(self.source, old_to_new))
 
 
 class DropPath(nn.Module):
@@ -74,7 +104,13 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention whose pruned keys (``keep == 0``) are invisible to others."""
+    """Multi-head self-attention whose pruned keys (``keep == 0``) are invisible to others.
+
+    Returns the output and what token reducers read: ``cls_attn [B, H, N]`` (the CLS query's
+    attention, per head) and ``keys [B, N, d]`` (keys averaged over heads: ToMe's similarity
+    metric). XLA drops whichever the caller does not use. ``log_size [B, N]`` adds ToMe's
+    proportional-attention bias ``log(size_j)`` to the logits of key ``j``.
+    """
 
     num_heads: int
     qkv_bias: bool = True
@@ -82,13 +118,16 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, keep: Array | None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, keep: Array | None,
+                 log_size: Array | None = None) -> tuple[Array, dict[str, Array]]:
         b, n, c = x.shape
         h = self.num_heads
         qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init,
                        name="qkv")(x)
         q, k, v = qkv.reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # each [B, H, N, d]
         logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
+        if log_size is not None:
+            logits = logits.astype(jnp.float32) + log_size[:, None, None, :]
         attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N]
         heads = attn.astype(v.dtype) @ v  # [B, H, N, d]
         out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
@@ -96,18 +135,18 @@ class Attention(nn.Module):
         cls_attn = attn[:, :, 0, :]
         if self.head_weighting == "importance":
             cls_attn = cls_attn * token_ops.head_importance(heads)
-        return out, cls_attn
+        return out, {"cls_attn": cls_attn, "keys": jnp.mean(k, axis=1)}
 
 
 class Mlp(nn.Module):
-    hidden_dim: int
+    mlp_ratio: float = 4.0
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+        x = nn.Dense(int(c * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         x = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
@@ -115,10 +154,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; also returns the CLS query's attention ``[B, H, N]``.
+    """Pre-norm transformer block in two halves, so that tokens can be reduced between them.
 
-    With ``head_weighting="importance"`` each head's CLS attention is weighted by the head's
-    importance for the key token (AS-ViT), so that summing over heads gives AS-ViT's score.
+    :meth:`attend` is ``x + Attn(LN(x))`` and also returns the attention info (see
+    :class:`Attention`); :meth:`feed_forward` is ``x + MLP(LN(x))``. EViT and ToMe reduce the
+    tokens in between; ``__call__`` runs both halves back to back.
     """
 
     num_heads: int
@@ -129,16 +169,26 @@ class Block(nn.Module):
     head_weighting: str = "mean"
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.norm1 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
+        self.attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype)
+        self.norm2 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
+        self.mlp = Mlp(self.mlp_ratio, self.drop_rate, self.dtype)
+        self.drop_path = DropPath(self.drop_path_rate)
+        self.dropout = nn.Dropout(self.drop_rate)
+
+    def attend(self, x: Array, keep: Array | None, train: bool,
+               log_size: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        y, info = self.attn(self.norm1(x), keep, log_size)
+        y = self.dropout(y, deterministic=not train)
+        return x + self.drop_path(y, train), info
+
+    def feed_forward(self, x: Array, train: bool) -> Array:
+        return x + self.drop_path(self.mlp(self.norm2(x), train), train)
+
     def __call__(self, x: Array, keep: Array | None, train: bool) -> tuple[Array, Array]:
-        drop_path = DropPath(self.drop_path_rate)
-        y, cls_attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype, name="attn")(
-            nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x), keep)
-        y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
-        x = x + drop_path(y, train)
-        y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.drop_rate, self.dtype, name="mlp")(
-            nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm2")(x), train)
-        return x + drop_path(y, train), cls_attn
+        x, info = self.attend(x, keep, train)
+        return self.feed_forward(x, train), info["cls_attn"]
 
 
 class VisionTransformer(nn.Module):
@@ -165,6 +215,8 @@ class VisionTransformer(nn.Module):
     # How the CLS attention that scores tokens combines heads: "mean" (plain head average) or
     # "importance" (AS-ViT: each head weighted by the norm of its output at the key token).
     head_weighting: str = "mean"
+    # Proportional attention (ToMe): add log(token size) to the attention logits of every key.
+    prop_attn: bool = False
     dtype: Any = jnp.float32
 
     # -- static geometry ---------------------------------------------------------------------
@@ -183,16 +235,33 @@ class VisionTransformer(nn.Module):
 
     def token_schedule(self, spec: SparsitySpec | None = None) -> tuple[int, ...]:
         """Tokens (prefix included) that enter each block under a fixed-count ``spec``."""
+        return tuple(attn for attn, _ in self.block_token_counts(spec))
+
+    def block_token_counts(self, spec: SparsitySpec | None = None,
+                           stage_counts: Sequence[Any] | None = None) -> tuple[tuple[Any, Any], ...]:
+        """``(attention tokens, MLP tokens)`` of every block, prefix included.
+
+        Fixed-count specs give Python ints. ``stage_counts`` (per-image counts after each
+        between-block stage, ints or arrays ``[B]``) replaces the spec's counts for adaptive rules.
+        """
         spec = spec or SparsitySpec.dense()
-        n = self.num_patches
-        counts = dict(zip(spec.locations, spec.keep_counts(n))) if not spec.is_dense else {}
-        if spec.mode == "mask":
-            counts = {}
-        schedule = []
+        p, n = self.num_prefix_tokens, self.num_patches
+        between: dict[int, Any] = {}
+        if stage_counts is not None:
+            between = dict(zip(spec.locations, stage_counts))
+        elif spec.rule == "topk" and not spec.is_dense and spec.mode == "gather":
+            between = dict(zip(spec.locations, spec.keep_counts(n)))
+        out = []
         for i in range(self.depth):
-            n = counts.get(i, n)
-            schedule.append(n + self.num_prefix_tokens)
-        return tuple(schedule)
+            n = between.get(i, n)
+            attn = n + p
+            n = self.in_block_tokens(i, attn, spec) - p
+            out.append((attn, n + p))
+        return tuple(out)
+
+    def in_block_tokens(self, block: int, tokens: int, spec: SparsitySpec) -> int:
+        """Tokens after block ``block``'s in-block reduction when ``tokens`` entered it (none here)."""
+        return tokens
 
     # -- modules -------------------------------------------------------------------------------
 
@@ -247,30 +316,50 @@ class VisionTransformer(nn.Module):
 
     def __call__(self, images: Array, *, train: bool = False,
                  sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
-        spec = sparsity if sparsity is not None else SparsitySpec.dense()
+        spec = sparsity if sparsity is not None else self.default_sparsity()
         self.check_images(images)
         spec.check_depth(self.depth)
-        x = self.embed(images, train)
-        b = x.shape[0]
-        state = TokenState(x, None, jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32),
-                                                     (b, self.num_patches)))
+        self.check_spec(spec)
+        state = TokenState.initial(self.embed(images, train), self.num_prefix_tokens)
         aux: Aux = {"keep_masks": (), "keep_indices": ()}
         return self.run_blocks(state, None, spec, train, aux, start=0)
 
-    def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
-                   aux: Aux, start: int = 0, select_at_start: bool = True) -> tuple[Array, Aux]:
-        """Blocks ``start..depth-1`` (pruning before each location of ``spec``), then the head.
+    def default_sparsity(self) -> SparsitySpec:
+        """The spec used when ``__call__`` gets none: dense here; methods give their own."""
+        return SparsitySpec.dense()
 
-        ``select_at_start=False`` skips the selection before block ``start`` (the caller already
-        pruned there, e.g. SaiT's capacity-bucket branches).
+    def check_spec(self, spec: SparsitySpec) -> None:
+        """Raise a clear error if this model cannot run ``spec`` (methods narrow it)."""
+        if spec.in_block and not spec.is_dense:
+            raise SparsityError(
+                f"{type(self).__name__} has no in-block reduction for rule {spec.rule!r}; use "
+                f"create_model('{'evit' if spec.rule == 'evit' else 'tome'}_...')")
+
+    def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
+                   aux: Aux, start: int = 0, in_bucket: bool = False) -> tuple[Array, Aux]:
+        """Blocks ``start..depth-1`` with both reduction points, then the head.
+
+        Adaptive rules in gather mode hand over to the capacity-bucket runner at their first
+        location; it comes back here with ``in_bucket=True`` (selection before block ``start``
+        done, later locations refine the validity mask inside the bucket).
         """
-        stages = {} if spec.is_dense else {loc: s for s, loc in enumerate(spec.locations)}
+        from saitjax.models import buckets  # the runner calls back into run_blocks
+
+        stages = {} if spec.is_dense or spec.in_block else {loc: s for s, loc in enumerate(spec.locations)}
         for i in range(start, self.depth):
-            if i in stages and (i != start or select_at_start):
+            if i in stages and not (in_bucket and i == start):
+                if spec.is_adaptive and spec.mode == "gather" and not in_bucket:
+                    return buckets.run_bucketed(self, stages[i], i, state, cls_attn, spec, train, aux)
                 state, stage_aux = self.select_tokens(stages[i], state, cls_attn, spec, train)
                 append_stage_aux(aux, stage_aux)
-            x, cls_attn = self.blocks[i](state.x, state.keep, train)
-            state = state.replace(x=x)
+            log_size = jnp.log(state.size) if self.prop_attn else None
+            x, info = self.blocks[i].attend(state.x, state.keep, train, log_size)
+            state, cls_attn = state.replace(x=x), info["cls_attn"]
+            if spec.in_block and not spec.is_dense:
+                state, stage_aux = self.reduce_in_block(i, state, info, spec, train)
+                if stage_aux:
+                    append_stage_aux(aux, stage_aux)
+            state = state.replace(x=self.blocks[i].feed_forward(state.x, train))
         return self.classify(state, cls_attn, aux)
 
     def classify(self, state: TokenState, cls_attn: Array, aux: Aux) -> tuple[Array, Aux]:
@@ -280,10 +369,15 @@ class VisionTransformer(nn.Module):
             logits_dist = self.head_dist(x[:, 1]).astype(jnp.float32)
             aux.update(logits_cls=logits, logits_dist=logits_dist)
             logits = (logits + logits_dist) / 2
-        aux.update(tokens=x, cls_attn=cls_attn, patch_index=state.patch_index)
+        source = state.source
+        if state.keep is not None:  # masked or padded tokens hold no patch
+            held = jnp.take_along_axis(state.keep, jnp.maximum(source, 0), axis=1) > 0
+            source = jnp.where(held, source, -1)
+        aux.update(tokens=x, cls_attn=cls_attn, patch_index=state.patch_index, token_size=state.size,
+                   source=source)
         return logits, aux
 
-    # -- pruning hook ----------------------------------------------------------------------------
+    # -- reduction hooks -------------------------------------------------------------------------
 
     def token_scores(self, state: TokenState, cls_attn: Array) -> Array:
         """Importance of each current patch token ``[B, N_cur]``: head-combined CLS attention,
@@ -302,15 +396,28 @@ class VisionTransformer(nn.Module):
         scores = self.token_scores(state, cls_attn)
         return self.keep_top(state, scores, k, spec.mode)
 
+    def reduce_in_block(self, block: int, state: TokenState, info: dict[str, Array], spec: SparsitySpec,
+                        train: bool) -> tuple[TokenState, Aux | None]:
+        """Reduce tokens inside block ``block`` after its attention residual (none here).
+
+        ``info`` holds this block's ``cls_attn [B, H, N]`` and head-mean ``keys [B, N, d]``.
+        """
+        return state, None
+
+    def per_image_counts(self, stage: int, state: TokenState, cls_attn: Array,
+                         spec: SparsitySpec) -> tuple[Array, Array, Aux]:
+        """``(scores [B, N_cur], counts [B], extra stage aux)`` of an adaptive rule (buckets)."""
+        raise SparsityError(f"{type(self).__name__} has no per-image counts: the adaptive rule "
+                            f"{spec.rule!r} needs a SaiT model (create_model('sait_...'))")
+
     def keep_top(self, state: TokenState, scores: Array, k: int, mode: str) -> tuple[TokenState, Aux]:
         """Keep the ``k`` best-scored patch tokens, by gathering them or by masking the rest."""
         p = self.num_prefix_tokens
         if mode == "gather":
             idx = token_ops.topk_indices(scores, k)
-            patch_index = token_ops.batched_gather(state.patch_index, idx)
-            new = TokenState(token_ops.select_tokens(state.x, idx, p), None, patch_index)
-            mask = token_ops.indices_to_mask(patch_index, self.num_patches)
-            return new, {"keep_masks": mask, "keep_indices": patch_index}
+            new = state.gather(idx, p)
+            mask = token_ops.indices_to_mask(new.patch_index, self.num_patches)
+            return new, {"keep_masks": mask, "keep_indices": new.patch_index}
         # mask mode: all tokens stay; only those already kept can be chosen again
         alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
         idx = token_ops.topk_indices(jnp.where(alive > 0, scores, -jnp.inf), k)  # any score sign

@@ -1,0 +1,104 @@
+"""ToMe (Bolya et al., ICLR 2023): merge similar tokens in every block, no pruning, no training needed.
+
+Inside every block, between the attention residual and the MLP, as the official
+``facebookresearch/ToMe`` timm patch does it:
+
+1. the metric is the block's keys averaged over heads, cosine-normalised;
+2. bipartite soft matching: tokens at even positions (set A, CLS first) each propose their most
+   similar odd-position token (set B); the ``r`` best proposals merge (CLS never; nothing into a
+   distillation token);
+3. size-weighted averaging ``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)``; sizes add;
+4. output order ``[unmerged A (ascending), B]`` -- the next block splits by position, so this
+   order decides later matches;
+5. with ``prop_attn`` every later attention adds ``log(size_j)`` to the logits of key ``j``.
+
+``r`` is an int (every block) or a per-block list; ``r = min(r, (N - prefix) // 2)`` per block.
+``r = 0`` is the dense model. No parameters: every DeiT checkpoint loads, and ToMe's released
+DeiT checkpoints (trained with ``r = 13``, ``prop_attn=True``) convert like DeiT's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from saitjax.models import token_ops
+from saitjax.models.deit import DEIT_SIZES
+from saitjax.models.registry import register_model
+from saitjax.models.vit import Aux, TokenState, VisionTransformer
+from saitjax.sparsity import SparsityError, SparsitySpec
+
+Array = jax.Array
+
+
+class ToMe(VisionTransformer):
+    """ViT/DeiT with ToMe's token merging in every block (constructor names as official)."""
+
+    r: int | tuple[int, ...] = 13
+    prop_attn: bool = True
+
+    def default_sparsity(self) -> SparsitySpec:
+        return SparsitySpec.tome(self.r)
+
+    def check_spec(self, spec: SparsitySpec) -> None:
+        if not spec.is_dense and spec.rule != "tome":
+            raise SparsityError(f"{type(self).__name__} merges tokens with rule 'tome' (e.g. 'tome:13'), "
+                                f"not {spec.rule!r}")
+
+    def merges(self, block: int, tokens: int, spec: SparsitySpec) -> int:
+        """Tokens merged in ``block`` when ``tokens`` (prefix included) entered it."""
+        r = spec.merge_schedule(self.depth)[block]
+        return min(r, (tokens - self.num_prefix_tokens) // 2)
+
+    def in_block_tokens(self, block: int, tokens: int, spec: SparsitySpec) -> int:
+        return tokens - self.merges(block, tokens, spec)
+
+    def reduce_in_block(self, block: int, state: TokenState, info: dict[str, Array], spec: SparsitySpec,
+                        train: bool) -> tuple[TokenState, Aux | None]:
+        n, p = state.x.shape[1], self.num_prefix_tokens
+        r = self.merges(block, n, spec)
+        if r == 0:
+            return state, None
+        plan = token_ops.bipartite_soft_matching(info["keys"], r, p)
+        kept_old, old_to_new = token_ops.merge_order(plan, n, p)
+        x, size = token_ops.merge_weighted(state.x, state.size, plan, kept_old)
+        ids = jnp.concatenate([jnp.full((x.shape[0], p), self.num_patches, jnp.int32), state.patch_index], axis=1)
+        patch_index = token_ops.batched_gather(ids, kept_old)[:, p:]
+        return TokenState(x, None, patch_index, size, token_ops.relabel_source(state.source, old_to_new)), None
+
+    def extra_macs(self, spec: SparsitySpec | None) -> float:
+        """Matching (cosine similarity of A and B keys) and the merge of each block."""
+        if spec is None or spec.is_dense:
+            return 0.0
+        d = self.embed_dim // self.num_heads
+        macs = 0
+        for attn, mlp in self.block_token_counts(spec):
+            if mlp < attn:
+                size_a, size_b = (attn + 1) // 2, attn // 2
+                macs += size_a * size_b * d + (attn - mlp) * size_b * self.embed_dim
+        return float(macs)
+
+
+def _register() -> None:
+    for size, (dim, heads) in DEIT_SIZES.items():
+        for distilled in (False, True):
+            tag = "_distilled" if distilled else ""
+            register_model(
+                f"tome_deit_{size}{tag}_patch16_224", ToMe,
+                f"ToMe on DeiT-{size[0].upper()}{' distilled' if distilled else ''}: merge r=13 tokens per "
+                "block, proportional attention (no extra weights; loads DeiT checkpoints)",
+                timm_name=f"deit_{size}{tag}_patch16_224", tags=("tome",) + (("distilled",) if distilled else ()),
+                img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads, num_classes=1000,
+                distilled=distilled, r=13, prop_attn=True)
+    register_model("tome_test_patch4_32", ToMe, "test-size ToMe: vit_test_patch4_32 merging 8 tokens per block",
+                   tags=("tome", "test"), img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                   num_classes=10, r=8)
+    register_model("tome_test_distilled_patch4_32", ToMe, "test-size distilled ToMe (CLS + distillation token)",
+                   tags=("tome", "test", "distilled"), img_size=32, patch_size=4, embed_dim=32, depth=4,
+                   num_heads=2, num_classes=10, distilled=True, r=8)
+    register_model("tome_demo_patch8_64", ToMe, "demo ToMe: vit_demo_patch8_64 merging 8 tokens per block",
+                   tags=("tome", "demo"), img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                   num_classes=8, r=8)
+
+
+_register()
