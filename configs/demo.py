@@ -14,7 +14,8 @@
 
 Expected result (README, measured on a 2-core CPU): see the README's demo table.
 Arguments (``configs/demo.py:epochs=10,warmup_epochs=7``): epochs, warmup_epochs, batch, lr,
-data_dir, dataset.
+data_dir, dataset, init (start from trained dense weights instead, e.g. the dense demo's
+``export/params_step1560.npz`` with ``epochs=3,warmup_epochs=0``: SaiT fine-tuning).
 """
 
 from saitjax.config import base_config, finalize, parse_arg, shapes_demo_recipe
@@ -24,7 +25,7 @@ SWEEP = ("dense", "mass:0.9", "mass:0.85", "mass:0.8", "mass:0.7", "topk:0.5")
 
 def get_config(arg: str | None = None):
     a = parse_arg(arg, epochs=10.0, warmup_epochs=7.0, batch=64, lr=2e-3, data_dir="",
-                  dataset="saitjax_shapes")
+                  dataset="saitjax_shapes", init="")
     c = base_config()
     c.model = "sait_demo_patch8_64"
     c.model_kwargs.num_classes = 8
@@ -40,6 +41,7 @@ def get_config(arg: str | None = None):
     c.method_kwargs.token_distill_weight = 1.0
 
     shapes_demo_recipe(c, a)
+    c.init = a.init
     c.eval.every_steps = 800  # and at the end (and by --mode eval)
     c.eval.densities = ("dense", "mass:0.8")
     c.eval.keep_mask = True  # object masks: where do kept tokens fall?

@@ -170,6 +170,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         try:
             for _, spec in method.eval_densities((text,)):  # parsed at the method's locations
                 spec.check_depth(model.depth)
+                model.check_spec(spec)
         except SparsityError as err:
             raise ValueError(f"invalid config: eval.densities/eval.sweep entry {text!r}: {err}") from None
 

@@ -276,10 +276,12 @@ class Run:
 
 def _latest(config: ml_collections.ConfigDict, workdir: str, data: Any | None,
             mesh: jax.sharding.Mesh | None, purpose: str) -> tuple[Run, TrainState]:
-    """The run and the restored state of the workdir's latest checkpoint (``--mode eval/sweep``)."""
+    """The run and the restored state of the workdir's latest checkpoint (``--mode eval/sweep``),
+    or of ``config.init`` when the workdir has none (off-the-shelf use, e.g. ToMe on DeiT weights)."""
     run = Run(config, workdir, data, mesh)
-    if run.latest is None:
-        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to {purpose}; train first")
+    if run.latest is None and not config.init:
+        raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to {purpose} and no config.init; "
+                                "train first, or give config.init to evaluate pretrained weights as they are")
     return run, run.restore_or_init()
 
 
@@ -290,7 +292,7 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
         raise ValueError("config.eval.sweep is empty: give the densities to sweep, e.g. "
                          "--config.eval.sweep='(\"dense\", \"mass:0.9\")'")
     run, state = _latest(config, workdir, data, mesh, "sweep")
-    rows = run.sweep(state.params, run.latest)
+    rows = run.sweep(state.params, run.latest or 0)
     run.ckpt.close()
     return rows
 
@@ -299,7 +301,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: A
                         mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """``--mode eval``: evaluate the workdir's latest checkpoint at every configured density."""
     run, state = _latest(config, workdir, data, mesh, "evaluate")
-    results = run.evaluate(state.params, run.latest)
+    results = run.evaluate(state.params, run.latest or 0)
     run.ckpt.close()
     return results
 

@@ -1,0 +1,71 @@
+"""EViT and ToMe against PyTorch references of their official code (fp32, 1e-4), through the convert CLI.
+
+The references (``tests/evit_reference.py``, ``tests/tome_reference.py``) re-implement the
+official forward passes (youweiliang/evit ``evit.py``; facebookresearch/ToMe ``merge.py`` and
+``patch/timm.py``) on a timm DeiT. Here a random timm DeiT is saved as an official checkpoint
+(``{"model": state_dict}`` .pth, timm keys), converted with ``python -m saitjax.tools.convert``,
+loaded into the saitjax model, and both sides run on the same images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+
+import saitjax
+from saitjax.sparsity import SparsitySpec
+from saitjax.tools import convert as convert_cli
+
+from timm_reference import import_timm
+
+pytestmark = pytest.mark.torch
+
+NAMES = ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """timm DeiT-Ti models with random weights, each saved as an official ``{"model": ...}`` .pth."""
+    torch, timm = import_timm()
+    out = {}
+    for seed, name in enumerate(NAMES):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False).eval()
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+                if "qkv.weight" in key:  # sharper attention: selections far from ties
+                    p.mul_(4.0)
+        path = tmp_path_factory.mktemp("ckpt") / f"{name}.pth"
+        torch.save({"model": model.state_dict(), "epoch": 0}, path)
+        images = np.random.default_rng(seed).normal(size=(2, 224, 224, 3)).astype(np.float32)
+        out[name] = (model, str(path), images)
+    return out
+
+
+def _converted(checkpoints, timm_name: str, model_name: str, tmp_path, **overrides):
+    _, path, _ = checkpoints[timm_name]
+    npz = tmp_path / f"{model_name}.npz"
+    assert convert_cli.main(["--src", path, "--model", model_name, "--out", str(npz)]) == 0
+    model = saitjax.create_model(model_name, **overrides)
+    return model, saitjax.load_params(str(npz), model_name)
+
+
+@pytest.mark.parametrize("timm_name", NAMES)
+@pytest.mark.parametrize("r, prop_attn", [(0, True), (13, True), (13, False), (16, True)])
+def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, prop_attn):
+    import tome_reference
+
+    torch, _ = import_timm()
+    reference, _, images = checkpoints[timm_name]
+    model_name = timm_name.replace("deit_", "tome_deit_")
+    model, params = _converted(checkpoints, timm_name, model_name, tmp_path, prop_attn=prop_attn)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    expected, info = tome_reference.tome_forward(reference, x, r=r, prop_attn=prop_attn, return_info=True)
+    logits, aux = jax.jit(lambda p, im: model.apply({"params": p}, im, sparsity=SparsitySpec.tome(r)))(params, images)
+    np.testing.assert_allclose(np.asarray(logits), expected.numpy(), atol=1e-4, rtol=0)
+    # the same merged groups: token sizes in the same (official) order
+    np.testing.assert_allclose(np.asarray(aux["token_size"]), info["size"].numpy(), atol=1e-5)
+    assert aux["tokens"].shape[1] == info["counts"][-1]
