@@ -40,7 +40,7 @@ def local_numpy(batch: dict[str, Array]) -> dict[str, np.ndarray]:
 
 
 def forward_fn(model: Any, spec: SparsitySpec):
-    """Jitted ``(params, images) -> (logits, final keep mask [B, N_patches])`` at ``spec``.
+    """Jitted ``(params, images) -> (logits, final keep mask [B, N_p], source map [B, N_p])`` at ``spec``.
 
     Pruning methods report their last keep mask; merging/fusing methods show the patches that
     still have a token of their own (merged and fused patches are greyed).
@@ -49,12 +49,12 @@ def forward_fn(model: Any, spec: SparsitySpec):
     def forward(params, images):
         logits, aux = model.apply({"params": params}, images, sparsity=spec)
         masks = aux.get("keep_masks")
-        if masks:
-            return logits, masks[-1]
-        # In-block methods (EViT, ToMe): a patch is shown as kept while it still has a token of its own.
         source = aux["source"]
+        if masks:
+            return logits, masks[-1], source
+        # In-block methods (EViT, ToMe): a patch counts as kept while it still has a token of its own.
         own = jnp.take_along_axis(aux["token_size"], jnp.maximum(source, 0), axis=1) == 1
-        return logits, ((source >= 0) & own).astype(jnp.float32)
+        return logits, ((source >= 0) & own).astype(jnp.float32), source
 
     return jax.jit(forward)
 
@@ -97,7 +97,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     rows = []
     chief = jax.process_index() == 0
     shown = images[:max(picture_images, max(timing_batch_sizes))]
-    masks = []
+    masks, sources = [], []
     for label, spec in densities:
         r = results[label]
         stages = len(spec.locations) if not spec.is_dense and not spec.in_block else 0
@@ -119,7 +119,9 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
         fn = forward_fn(model, spec)  # one compilation per (density, batch size), shared below
         for bs in timing_batch_sizes:
             row[f"img_per_s_bs{bs}"] = measure_img_per_s(fn, params, images[:timing_images], bs)
-        masks.append(np.asarray(fn(params, shown)[1])[:picture_images])
+        _, keep, source = fn(params, shown)
+        masks.append(np.asarray(keep)[:picture_images])
+        sources.append(np.asarray(source)[:picture_images] if spec.in_block else None)
         rows.append(row)
     dense = next((row for row in rows if row["density"] == "dense"), rows[0])
     for row in rows:
@@ -141,7 +143,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     plot_kept_tokens(pixels, masks, [label for label, _ in densities],
                      os.path.join(out_dir, "kept_tokens.png"), patch_size=model.patch_size,
-                     max_images=picture_images)
+                     max_images=picture_images, sources=sources)
     return rows
 
 

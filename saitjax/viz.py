@@ -218,14 +218,43 @@ def grey_out_pruned(image: np.ndarray, keep_mask_grid: np.ndarray, patch_size: i
     return np.where(kept_pixels[..., None], image, blended)
 
 
+def paint_token_groups(image: np.ndarray, source: np.ndarray, patch_size: int) -> np.ndarray:
+    """Draw what became of each patch: merged or fused patches take their group's mean colour,
+    discarded ones (``source == -1``) are greyed, patches with a token of their own stay as they
+    were. ``source`` is ``aux["source"]`` of one image (the token holding each patch, row-major).
+    """
+    image = _as_unit_float(image)
+    height, width = image.shape[0] // patch_size, image.shape[1] // patch_size
+    source = np.asarray(source).reshape(-1)
+    if source.size != height * width:
+        raise ValueError(f"source map has {source.size} entries but the image has {height}x{width} patches")
+    patches = image[:height * patch_size, :width * patch_size].reshape(
+        height, patch_size, width, patch_size, -1).transpose(0, 2, 1, 3, 4).reshape(height * width, patch_size,
+                                                                                     patch_size, -1)
+    out = patches.copy()
+    for group in np.unique(source[source >= 0]):
+        members = np.flatnonzero(source == group)
+        if len(members) > 1:
+            out[members] = patches[members].mean(axis=(0, 1, 2))
+    out[source < 0] = patches[source < 0] + 0.7 * (MID_GREY - patches[source < 0])
+    painted = image.copy()
+    painted[:height * patch_size, :width * patch_size] = out.reshape(
+        height, width, patch_size, patch_size, -1).transpose(0, 2, 1, 3, 4).reshape(
+        height * patch_size, width * patch_size, -1)
+    return painted
+
+
 def plot_kept_tokens(images: np.ndarray, keep_masks: list[np.ndarray], row_labels: list[str],
-                     out_png: str, *, patch_size: int, max_images: int = 8) -> str:
+                     out_png: str, *, patch_size: int, max_images: int = 8,
+                     sources: list[np.ndarray | None] | None = None) -> str:
     """One row per density, one column per image, pruned patches greyed out.
 
     ``images`` is ``[n, H, W, 3]`` in [0, 1] or uint8 (undo any mean/std normalisation first;
     floats are clipped to [0, 1]); ``keep_masks[i]`` is ``[n, (H // p) * (W // p)]`` 0/1, the
     ``aux["keep_masks"]`` convention of the models (patch tokens only, original order). Each
-    panel's title is the fraction of tokens it keeps.
+    panel's title is the fraction of tokens it keeps. ``sources[i]`` (optional, ``[n, N_p]``:
+    ``aux["source"]``) draws merged and fused patches in their group's mean colour instead
+    (:func:`paint_token_groups`), titled with the number of tokens left.
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -245,7 +274,14 @@ def plot_kept_tokens(images: np.ndarray, keep_masks: list[np.ndarray], row_label
     for r, (label, mask) in enumerate(zip(row_labels, masks)):
         for c in range(cols):
             ax = fig.add_subplot(rows, cols, r * cols + c + 1)
-            shown = np.clip(grey_out_pruned(images[c], mask[c], patch_size), 0.0, 1.0)
+            source = None if sources is None or sources[r] is None else np.asarray(sources[r])[c]
+            if source is None:
+                shown = grey_out_pruned(images[c], mask[c], patch_size)
+                title = f"{100.0 * np.mean(mask[c] != 0):.0f}% kept"
+            else:
+                shown = paint_token_groups(images[c], source, patch_size)
+                title = f"{len(np.unique(source[source >= 0]))} tokens"
+            shown = np.clip(shown, 0.0, 1.0)
             ax.imshow(shown, interpolation="nearest")
             edges_x = np.arange(patch_size, width, patch_size) - 0.5
             edges_y = np.arange(patch_size, height, patch_size) - 0.5
@@ -255,7 +291,7 @@ def plot_kept_tokens(images: np.ndarray, keep_masks: list[np.ndarray], row_label
             ax.set_ylim(height - 0.5, -0.5)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{100.0 * np.mean(mask[c] != 0):.0f}% kept", fontsize="x-small")
+            ax.set_title(title, fontsize="x-small")
             if c == 0:
                 ax.set_ylabel(label, fontsize="small")
     return _save(fig, out_png)

@@ -1,5 +1,7 @@
 """The viz functions write real PNGs; grey_out_pruned blends exactly the pruned patches."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,3 +128,19 @@ def test_plot_kept_tokens(tmp_path):
                                 str(tmp_path / "float.png"), patch_size=16))
     with pytest.raises(ValueError, match="row labels"):
         plot_kept_tokens(images, [dense], ["a", "b"], str(tmp_path / "x.png"), patch_size=16)
+
+
+def test_paint_token_groups_shows_merged_fused_and_discarded_patches(tmp_path):
+    from saitjax.viz import paint_token_groups, plot_kept_tokens
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(size=(8, 8, 3)).astype(np.float32)  # 4 patches of 4 px
+    source = np.array([1, 1, 2, -1])  # patches 0 and 1 merged, 2 alone, 3 discarded
+    painted = paint_token_groups(image, source, 4)
+    merged_colour = image[:4, :8].reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(painted[:4, :8], np.broadcast_to(merged_colour, (4, 8, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(painted[4:, :4], image[4:, :4])
+    np.testing.assert_allclose(painted[4:, 4:], image[4:, 4:] + 0.7 * (0.5 - image[4:, 4:]), rtol=1e-6)
+    out = plot_kept_tokens(image[None], [np.array([[1, 1, 1, 0]])], ["tome:1"], str(tmp_path / "g.png"),
+                           patch_size=4, sources=[source[None]])
+    assert os.path.getsize(out) > 0
