@@ -14,7 +14,7 @@ Arguments: init (required), epochs, batch, lr (predictors), backbone_lr_mult, rh
 dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
+from saitjax.config import base_config, finalize, parse_arg, shapes_finetune_recipe
 
 LOCATIONS = (1, 2, 3)
 
@@ -22,39 +22,21 @@ LOCATIONS = (1, 2, 3)
 def get_config(arg: str | None = None):
     a = parse_arg(arg, init="", epochs=3.0, batch=64, lr=1e-3, backbone_lr_mult=0.1, rho=0.7,
                   data_dir="", dataset="saitjax_shapes")
-    if not a.init:
-        raise ValueError(
-            "invalid config: configs/dynamicvit_demo.py fine-tunes a dense demo model; first run "
-            "`python -m saitjax.main --config configs/demo_dense.py --workdir DIR` and pass "
-            "init=DIR/export/params_step1560.npz (configs/dynamicvit_demo.py:init=...)")
     c = base_config()
     c.model = "dynamicvit_demo_patch8_64"
     c.model_kwargs.num_classes = 8
     c.model_kwargs.drop_path_rate = 0.0
     c.model_kwargs.keep_rho = a.rho
-    c.init = a.init
     c.teacher = "init"
 
     c.method = "dynamicvit"
     c.method_kwargs.update(rho=a.rho, locations=LOCATIONS, ratio_weight=2.0, distill_weight=0.5,
                            token_distill_weight=0.5)
 
-    shapes_demo_data(c, a.dataset, a.data_dir)
-
-    c.batch_size = a.batch
-    c.train_epochs = a.epochs
-    c.optim.lr = a.lr
-    c.optim.min_lr = 1e-6
-    c.optim.warmup_epochs = 0.25
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip_norm = 1.0
+    shapes_finetune_recipe(c, a, "configs/dynamicvit_demo.py", warmup_epochs=0.25)
     c.optim.lr_multipliers = ((r"^(?!predictor_)", a.backbone_lr_mult),)
     c.optim.frozen = (r"^cls_token$", r"^pos_embed$")
 
     locs = "/".join(map(str, LOCATIONS))
     c.eval.densities = ("dense", f"topk:{a.rho:g}@{locs}")
-    c.eval.every_steps = 10_000  # at the end (and by --mode eval)
-    c.eval.batch_size = 256
-    c.checkpoint.every_steps = 100
-    c.log_every_steps = 20
     return finalize(c)

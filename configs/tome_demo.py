@@ -19,36 +19,18 @@ after them). Evaluated at "dense", "tome:4", "tome:8" and "tome:12".
 Arguments: init (required), epochs, batch, lr, r, prop_attn, data_dir, dataset.
 """
 
-from saitjax.config import base_config, finalize, parse_arg, shapes_demo_data
+from saitjax.config import base_config, finalize, parse_arg, shapes_finetune_recipe
 
 
 def get_config(arg: str | None = None):
     a = parse_arg(arg, init="", epochs=3.0, batch=64, lr=2e-4, r=8, prop_attn=True, data_dir="",
                   dataset="saitjax_shapes")
-    if not a.init:
-        raise ValueError(
-            "invalid config: configs/tome_demo.py starts from a dense demo model; first run "
-            "`python -m saitjax.main --config configs/demo_dense.py --workdir DIR` and pass "
-            "init=DIR/export/params_step1560.npz (configs/tome_demo.py:init=...)")
     c = base_config()
     c.model = "tome_demo_patch8_64"
     c.model_kwargs.update(num_classes=8, drop_path_rate=0.0, r=a.r, prop_attn=a.prop_attn)
-    c.init = a.init
     c.method = "supervised"  # at the model's own r: merging is part of the forward pass
 
-    shapes_demo_data(c, a.dataset, a.data_dir)
-    c.batch_size = a.batch
-    c.train_epochs = a.epochs
-    c.optim.lr = a.lr
-    c.optim.min_lr = 1e-6
-    c.optim.warmup_epochs = 0.0
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip_norm = 1.0
-
+    shapes_finetune_recipe(c, a, "configs/tome_demo.py")
     c.eval.densities = ("dense", "tome:4", f"tome:{a.r}", "tome:12")
     c.eval.sweep = c.eval.densities
-    c.eval.every_steps = 10_000  # at the end (and by --mode eval)
-    c.eval.batch_size = 256
-    c.checkpoint.every_steps = 100
-    c.log_every_steps = 20
     return finalize(c)

@@ -53,7 +53,7 @@ def final_export(workdir: str) -> str:
 
 # (label, config, config argument with {init}, densities swept, train?)
 PLAN = [
-    ("SaiT", "demo", "init={init},epochs=3,warmup_epochs=0",
+    ("SaiT", "demo", "init={init},epochs=3,warmup_epochs=0,lr=2e-4",
      ("dense", "mass:0.9", "mass:0.8", "mass:0.7", "mass:0.8,chunks=8", "topk:0.5"), True),
     ("DynamicViT", "dynamicvit_demo", "init={init}", ("topk:0.7@1/2/3",), True),
     ("EViT", "evit_demo", "init={init}", ("evit:0.7", "evit:0.5"), True),

@@ -84,6 +84,30 @@ def shapes_demo_recipe(c: ml_collections.ConfigDict, a: ml_collections.ConfigDic
     c.log_every_steps = 20
 
 
+def shapes_finetune_recipe(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, config_file: str,
+                           warmup_epochs: float = 0.0) -> None:
+    """Data, schedule and logging of the demos that fine-tune the dense demo model (``a``: init,
+    epochs, batch, lr, dataset, data_dir); evaluation at the end only."""
+    if not a.init:
+        raise ValueError(
+            f"invalid config: {config_file} fine-tunes a dense demo model; first run "
+            "`python -m saitjax.main --config configs/demo_dense.py --workdir DIR` and pass "
+            f"init=DIR/export/params_step1560.npz ({config_file}:init=...)")
+    c.init = a.init
+    shapes_demo_data(c, a.dataset, a.data_dir)
+    c.batch_size = a.batch
+    c.train_epochs = a.epochs
+    c.optim.lr = a.lr
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_epochs = warmup_epochs
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip_norm = 1.0
+    c.eval.every_steps = 10_000  # at the end (and by --mode eval)
+    c.eval.batch_size = 256
+    c.checkpoint.every_steps = 100
+    c.log_every_steps = 20
+
+
 def imagenet_data(c: ml_collections.ConfigDict, data_dir: str = "", manual_dir: str = "") -> None:
     """ImageNet-1k through TFDS (docs/imagenet.md) with DeiT's augmentation and mixing."""
     c.data.name = "imagenet2012"

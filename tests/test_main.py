@@ -13,16 +13,9 @@ import jax
 from saitjax import train
 from saitjax.config import parse_arg
 
+from train_fixtures import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(name: str, arg: str | None = None):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def _main(*args, timeout=600):
@@ -35,7 +28,7 @@ def _main(*args, timeout=600):
                                        ("sait_deit_imagenet", "size=tiny,init=deit_t.npz"),
                                        ("sait_deit_imagenet", "size=base,init=deit_b.npz")])
 def test_configs_build_and_validate(name, arg):
-    config = _load_config(name, arg)
+    config = load_config(name, arg)
     assert config.model
     with pytest.raises(AttributeError):
         config.batch_sise = 3  # locked: a misspelt field cannot be set silently
@@ -52,7 +45,7 @@ def test_typed_config_arguments():
 
 def test_demo_config_trains_on_generated_tiny_dataset(tmp_path):
     """The demo recipe on `saitjax_shapes/tiny` with the real TFDS pipeline, 8 devices, resumed."""
-    config = _load_config("demo", f"dataset=saitjax_shapes/tiny,data_dir={tmp_path / 'tfds'},batch=32")
+    config = load_config("demo", f"dataset=saitjax_shapes/tiny,data_dir={tmp_path / 'tfds'},batch=32")
     config.unlock()
     config.data.image_size = 32
     config.model_kwargs.img_size = 32

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import tiny_config, tiny_data
+from train_fixtures import load_config, tiny_config, tiny_data
 
 import saitjax
 from saitjax import parallel, train
@@ -19,7 +17,6 @@ from saitjax.methods.dynamicvit import DynamicViTMethod, ratio_loss, token_disti
 from saitjax.sparsity import SparsitySpec
 
 NAME = "dynamicvit_test_patch4_32"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -40,13 +37,6 @@ def _random_params(model, seed=0):
         return rng.normal(1.0 if scale else 0.0, 0.1 if scale else 0.05, x.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
-def _load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +194,8 @@ def test_trains_on_eight_devices_from_a_dense_teacher(tmp_path):
 
 def test_demo_config_needs_dense_weights():
     with pytest.raises(ValueError, match=r"configs/demo_dense.py.*init=DIR/export/params_step1560.npz"):
-        _load_config("dynamicvit_demo")
-    c = _load_config("dynamicvit_demo", "init=/tmp/dense.npz,epochs=1")
+        load_config("dynamicvit_demo")
+    c = load_config("dynamicvit_demo", "init=/tmp/dense.npz,epochs=1")
     assert (c.model, c.method, c.teacher) == ("dynamicvit_demo_patch8_64", "dynamicvit", "init")
     assert tuple(c.eval.densities) == ("dense", "topk:0.7@1/2/3")
 
@@ -214,9 +204,9 @@ def test_demo_config_needs_dense_weights():
 def test_imagenet_config_recipe(size):
     from saitjax.optim import OptimizerConfig, param_groups_summary
 
-    scratch = _load_config("dynamicvit_deit_imagenet", f"model={size}")
+    scratch = load_config("dynamicvit_deit_imagenet", f"model={size}")
     assert scratch.teacher == "" and scratch.method_kwargs.distill_weight == 0.0
-    c = _load_config("dynamicvit_deit_imagenet", f"model={size},init=deit.npz,rho=0.8")
+    c = load_config("dynamicvit_deit_imagenet", f"model={size},init=deit.npz,rho=0.8")
     assert c.model == f"dynamicvit_deit_{size}_patch16_224" and c.teacher == "init"
     assert c.method_kwargs.ratio_weight == (5.0 if size == "base" else 2.0)
     assert c.model_kwargs.drop_path_rate == (0.2 if size == "base" else 0.0)

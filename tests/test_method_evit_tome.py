@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -13,16 +10,7 @@ import saitjax
 from saitjax import parallel, train
 from saitjax.convert import save_params
 
-from train_fixtures import tiny_config, tiny_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from train_fixtures import load_config, tiny_config, tiny_data
 
 
 def test_evit_warmup_compiles_once_per_quantised_rate(tmp_path):
@@ -75,20 +63,20 @@ def test_tome_trains_with_merging_and_evaluates_off_the_shelf(tmp_path):
 
 
 def test_configs_parse_with_their_recipes():
-    c = _load_config("evit_deit_imagenet", "model=base,keep=0.5,init=deit_b.npz")
+    c = load_config("evit_deit_imagenet", "model=base,keep=0.5,init=deit_b.npz")
     assert (c.model, c.method, c.train_epochs) == ("evit_deit_base_patch16_224", "evit", 30.0)
     assert c.method_kwargs.shrink_start_epoch == 0.0 and c.optim.weight_decay == 1e-6
     assert train.optimizer_config(c, 100, 0, 2).lr == pytest.approx(2e-5 * 2048 / 512)
-    scratch = _load_config("evit_deit_imagenet", "fuse=false")
+    scratch = load_config("evit_deit_imagenet", "fuse=false")
     assert scratch.train_epochs == 300.0 and scratch.method_kwargs.shrink_epochs == 100.0
     assert tuple(scratch.eval.densities) == ("dense", "evit:0.7,fuse=0")
-    t = _load_config("tome_deit_imagenet", "model=tiny,r=16")
+    t = load_config("tome_deit_imagenet", "model=tiny,r=16")
     assert (t.model, t.method, t.model_kwargs.r) == ("tome_deit_tiny_patch16_224", "supervised", 16)
     assert tuple(t.eval.densities) == ("dense", "tome:8", "tome:16")
     for name in ("evit_demo", "tome_demo"):
         with pytest.raises(ValueError, match="configs/demo_dense.py"):
-            _load_config(name)
-        assert _load_config(name, "init=/tmp/d.npz").init == "/tmp/d.npz"
+            load_config(name)
+        assert load_config(name, "init=/tmp/d.npz").init == "/tmp/d.npz"
     with pytest.raises(ValueError, match="needs a SaiT model|rule 'tome'"):
         cfg = tiny_config(model="tome_test_patch4_32")
         cfg.eval.densities = ("mass:0.8@1",)

@@ -69,3 +69,24 @@ def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, 
     # the same merged groups: token sizes in the same (official) order
     np.testing.assert_allclose(np.asarray(aux["token_size"]), info["size"].numpy(), atol=1e-5)
     assert aux["tokens"].shape[1] == info["counts"][-1]
+
+
+@pytest.mark.parametrize("timm_name", NAMES)
+@pytest.mark.parametrize("keep_rate, fuse", [(0.7, True), (0.7, False), (0.5, True), (1.0, True)])
+def test_evit_matches_the_official_forward(checkpoints, tmp_path, timm_name, keep_rate, fuse):
+    import evit_reference
+
+    torch, _ = import_timm()
+    reference, _, images = checkpoints[timm_name]
+    model_name = timm_name.replace("deit_", "evit_deit_")
+    model, params = _converted(checkpoints, timm_name, model_name, tmp_path)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    expected, counts = evit_reference.evit_forward(reference, x, keep_rate=keep_rate, drop_loc=(3, 6, 9),
+                                                   fuse_token=fuse, return_counts=True)
+    spec = SparsitySpec.evit(keep_rate, (3, 6, 9), fuse)
+    logits, aux = jax.jit(lambda p, im: model.apply({"params": p}, im, sparsity=spec))(params, images)
+    np.testing.assert_allclose(np.asarray(logits), expected.numpy(), atol=1e-4, rtol=0)
+    assert aux["tokens"].shape[1] == counts[-1]
+    assert [mlp for _, mlp in model.block_token_counts(spec)] == counts
+    if keep_rate == 1.0:  # the dense setting is the DeiT itself
+        np.testing.assert_allclose(expected.numpy(), reference(x).detach().numpy(), atol=1e-4, rtol=0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 
 from saitjax.config import base_config
@@ -50,3 +53,12 @@ def tiny_data(mesh, config, seed: int = 0):
     tr_x, tr_y, ev_x, ev_y = tiny_arrays(seed=seed)
     return ArrayData(tr_x, tr_y, ev_x, ev_y, num_classes=4, batch_size=config.batch_size,
                      eval_batch_size=config.eval.batch_size, mesh=mesh, seed=config.seed)
+
+
+def load_config(name: str, arg: str | None = None):
+    """``configs/<name>.py``'s ``get_config(arg)``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

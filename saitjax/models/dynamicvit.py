@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
-from saitjax.models.deit import DEIT_SIZES
-from saitjax.models.registry import register_model
+from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
@@ -163,23 +162,6 @@ class DynamicViT(VisionTransformer):
         return float(sum(seen) * predictor_macs(self.embed_dim))
 
 
-def _register() -> None:
-    for size, (dim, heads) in DEIT_SIZES.items():
-        register_model(
-            f"dynamicvit_deit_{size}_patch16_224", DynamicViT,
-            f"DynamicViT-DeiT-{size[0].upper()} (width {dim}, {heads} heads, depth 12), predictors "
-            "before blocks 3, 6, 9, keep 0.7/0.49/0.343 by default",
-            timm_name=f"deit_{size}_patch16_224", tags=("dynamicvit",),
-            img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
-            num_classes=1000, predictor_locations=(3, 6, 9), keep_rho=0.7)
-    register_model("dynamicvit_test_patch4_32", DynamicViT,
-                   "test-size DynamicViT: vit_test_patch4_32 with predictors before blocks 1, 2, 3",
-                   tags=("test", "dynamicvit"), img_size=32, patch_size=4, embed_dim=32, depth=4,
-                   num_heads=2, num_classes=10, predictor_locations=(1, 2, 3), keep_rho=0.7)
-    register_model("dynamicvit_demo_patch8_64", DynamicViT,
-                   "demo DynamicViT: vit_demo_patch8_64 with predictors before blocks 1, 2, 3",
-                   tags=("demo", "dynamicvit"), img_size=64, patch_size=8, embed_dim=96, depth=4,
-                   num_heads=3, num_classes=8, predictor_locations=(1, 2, 3), keep_rho=0.7)
-
-
-_register()
+register_family("dynamicvit", DynamicViT, "DynamicViT", "predictors before blocks 3, 6, 9 (1, 2, 3 at test and demo size), "
+                "keep 0.7 / 0.49 / 0.343 by default", distilled=False, predictor_locations=(3, 6, 9), keep_rho=0.7,
+                test={"predictor_locations": (1, 2, 3)}, demo={"predictor_locations": (1, 2, 3)})

@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
-from saitjax.models.deit import DEIT_SIZES
-from saitjax.models.registry import register_model
+from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
@@ -102,26 +101,6 @@ class EViT(VisionTransformer):
         return float(macs)
 
 
-def _register() -> None:
-    for size, (dim, heads) in DEIT_SIZES.items():
-        for distilled in (False, True):
-            tag = "_distilled" if distilled else ""
-            register_model(
-                f"evit_deit_{size}{tag}_patch16_224", EViT,
-                f"EViT on DeiT-{size[0].upper()}{' distilled' if distilled else ''}: keep 0.7 and fuse "
-                "the rest inside blocks 3, 6, 9 (no extra weights; loads DeiT checkpoints)",
-                timm_name=f"deit_{size}{tag}_patch16_224", tags=("evit",) + (("distilled",) if distilled else ()),
-                img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads, num_classes=1000,
-                distilled=distilled, keep_rate=0.7, drop_loc=(3, 6, 9), fuse_token=True)
-    register_model("evit_test_patch4_32", EViT, "test-size EViT: vit_test_patch4_32 fusing inside blocks 1, 2",
-                   tags=("evit", "test"), img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                   num_classes=10, keep_rate=0.7, drop_loc=(1, 2))
-    register_model("evit_test_distilled_patch4_32", EViT, "test-size distilled EViT (CLS + distillation token)",
-                   tags=("evit", "test", "distilled"), img_size=32, patch_size=4, embed_dim=32, depth=4,
-                   num_heads=2, num_classes=10, distilled=True, keep_rate=0.7, drop_loc=(1, 2))
-    register_model("evit_demo_patch8_64", EViT, "demo EViT: vit_demo_patch8_64 fusing inside blocks 1, 2, 3",
-                   tags=("evit", "demo"), img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-                   num_classes=8, keep_rate=0.7, drop_loc=(1, 2, 3))
-
-
-_register()
+register_family("evit", EViT, "EViT", "keep 0.7 of the tokens inside the blocks drop_loc (3, 6, 9 for DeiT), fuse the "
+                "rest (no extra weights; loads DeiT checkpoints)", keep_rate=0.7, drop_loc=(3, 6, 9), fuse_token=True,
+                test={"drop_loc": (1, 2)}, demo={"drop_loc": (1, 2, 3)})

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
-from saitjax.models.deit import DEIT_SIZES
-from saitjax.models.registry import register_model
+from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
@@ -92,27 +91,5 @@ class SaiT(VisionTransformer):
                                                                            self.num_patches)}
 
 
-def _register_sait() -> None:
-    for size, (dim, heads) in DEIT_SIZES.items():
-        for distilled in (False, True):
-            tag = "_distilled" if distilled else ""
-            name = f"sait_deit_{size}{tag}_patch16_224"
-            register_model(
-                name, SaiT,
-                f"SaiT on DeiT-{size[0].upper()}{' distilled' if distilled else ''}: adaptive "
-                "per-image pruning, no extra weights (loads dense DeiT checkpoints)",
-                timm_name=f"deit_{size}{tag}_patch16_224", tags=("sait",) + (("distilled",) if distilled else ()),
-                img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
-                num_classes=1000, distilled=distilled)
-    register_model("sait_test_patch4_32", SaiT, "test-size SaiT (geometry of vit_test_patch4_32)",
-                   tags=("sait", "test"), img_size=32, patch_size=4, embed_dim=32, depth=4,
-                   num_heads=2, num_classes=10)
-    register_model("sait_test_distilled_patch4_32", SaiT, "test-size distilled SaiT (CLS + distillation token)",
-                   tags=("sait", "test", "distilled"), img_size=32, patch_size=4, embed_dim=32,
-                   depth=4, num_heads=2, num_classes=10, distilled=True)
-    register_model("sait_demo_patch8_64", SaiT, "demo SaiT (geometry of vit_demo_patch8_64)",
-                   tags=("sait", "demo"), img_size=64, patch_size=8, embed_dim=96, depth=4,
-                   num_heads=3, num_classes=8)
-
-
-_register_sait()
+register_family("sait", SaiT, "SaiT", "adaptive per-image pruning, no extra weights (loads dense DeiT checkpoints)",
+                test={}, demo={})

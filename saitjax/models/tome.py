@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
-from saitjax.models.deit import DEIT_SIZES
-from saitjax.models.registry import register_model
+from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
@@ -79,26 +78,6 @@ class ToMe(VisionTransformer):
         return float(macs)
 
 
-def _register() -> None:
-    for size, (dim, heads) in DEIT_SIZES.items():
-        for distilled in (False, True):
-            tag = "_distilled" if distilled else ""
-            register_model(
-                f"tome_deit_{size}{tag}_patch16_224", ToMe,
-                f"ToMe on DeiT-{size[0].upper()}{' distilled' if distilled else ''}: merge r=13 tokens per "
-                "block, proportional attention (no extra weights; loads DeiT checkpoints)",
-                timm_name=f"deit_{size}{tag}_patch16_224", tags=("tome",) + (("distilled",) if distilled else ()),
-                img_size=224, patch_size=16, embed_dim=dim, depth=12, num_heads=heads, num_classes=1000,
-                distilled=distilled, r=13, prop_attn=True)
-    register_model("tome_test_patch4_32", ToMe, "test-size ToMe: vit_test_patch4_32 merging 8 tokens per block",
-                   tags=("tome", "test"), img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                   num_classes=10, r=8)
-    register_model("tome_test_distilled_patch4_32", ToMe, "test-size distilled ToMe (CLS + distillation token)",
-                   tags=("tome", "test", "distilled"), img_size=32, patch_size=4, embed_dim=32, depth=4,
-                   num_heads=2, num_classes=10, distilled=True, r=8)
-    register_model("tome_demo_patch8_64", ToMe, "demo ToMe: vit_demo_patch8_64 merging 8 tokens per block",
-                   tags=("tome", "demo"), img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-                   num_classes=8, r=8)
-
-
-_register()
+register_family("tome", ToMe, "ToMe", "merge r tokens per block (13 for DeiT, 8 for the test and demo sizes), "
+                "proportional attention (no extra weights; loads DeiT checkpoints)", r=13, prop_attn=True,
+                test={"r": 8}, demo={"r": 8})
