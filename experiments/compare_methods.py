@@ -5,7 +5,8 @@
 
 1. trains the dense demo ViT (configs/demo_dense.py, ~6 min on 2 CPU cores);
 2. from its weights, fine-tunes SaiT (dense/sparse steps, 3 epochs), DynamicViT (rho 0.7),
-   EViT (keep 0.7, fused) and ToMe (r = 8, merging in place), each with its demo config;
+   AS-ViT (learned thresholds, budget 0.65), EViT (keep 0.7, fused) and ToMe (r = 8, merging
+   in place), each with its demo config;
 3. sweeps every model at its densities with the trainer's own sweep (exact top-1 on the 2000 test
    images, per-image ideal and executed GMACs, img/s at batch 1 and 32), ToMe also off the shelf
    (the dense weights merged without training);
@@ -56,6 +57,8 @@ PLAN = [
     ("SaiT", "demo", "init={init},epochs=3,warmup_epochs=0,lr=2e-4",
      ("dense", "mass:0.9", "mass:0.8", "mass:0.7", "mass:0.8,chunks=8", "topk:0.5"), True),
     ("DynamicViT", "dynamicvit_demo", "init={init}", ("topk:0.7@1/2/3",), True),
+    ("AS-ViT", "asvit_demo", "init={init}", ("learned:1@1/2/3", "learned:1@1/2/3,chunks=8", "learned:1.25@1/2/3"),
+     True),
     ("EViT", "evit_demo", "init={init}", ("evit:0.7", "evit:0.5"), True),
     ("ToMe (trained)", "tome_demo", "init={init}", ("tome:8", "tome:12"), True),
     ("ToMe (off the shelf)", "tome_demo", "init={init}", ("tome:4", "tome:8", "tome:12"), False),

@@ -37,6 +37,9 @@ def eval_sums(model: Any, params: Any, batch: dict[str, Array], spec: SparsitySp
             sums["gmacs"] = jnp.sum(per_image_gmacs(model, spec, counts) * valid)
             ran = [aux["capacity"]] * len(counts) if "capacity" in aux else counts
             sums["gmacs_executed"] = jnp.sum(per_image_gmacs(model, spec, ran) * valid)
+            # how many images end with each number of patch tokens (0..N): the spread of counts
+            final = jax.nn.one_hot(counts[-1], model.num_patches + 1, dtype=jnp.float32)
+            sums["count_histogram"] = jnp.sum(final * valid[:, None], axis=0)
         if "capacity" in aux:  # capacity bucket each image ran in (tokens)
             sums["capacity"] = jnp.sum(aux["capacity"].astype(jnp.float32) * valid)
         if "mask" in batch:  # object masks of the generated dataset: where do kept tokens fall?
@@ -85,4 +88,6 @@ class Evaluator:
             for key in acc:
                 if key.startswith(("kept_", "capacity", "gmacs")):
                     results[label][key] = float(acc[key]) / count
+            if "count_histogram" in acc:  # images per final patch-token count (a list, not a scalar)
+                results[label]["count_histogram"] = [int(round(float(v))) for v in acc["count_histogram"]]
         return results

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 DECAYS = ("cosine", "linear", "constant")
-DEFAULT_NO_WEIGHT_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)(cls_token|dist_token|pos_embed)$")
+DEFAULT_NO_WEIGHT_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)(cls_token|dist_token|pos_embed)$",
+                           r"(^|/)keep_threshold$")
 
 
 def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

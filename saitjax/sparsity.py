@@ -5,10 +5,11 @@ the benchmark speak. It is a frozen dataclass of Python scalars and tuples, so i
 static argument of ``jax.jit``: changing the density at inference means passing another spec,
 which selects another cached compiled function and never changes shapes inside one.
 
-Two reduction points exist. *Between* blocks (rules ``topk``, ``mass``, ``value``): tokens are
+Two reduction points exist. *Between* blocks (rules ``topk``, ``mass``, ``value``, ``learned``): tokens are
 selected before the blocks ``locations`` on the previous block's attention; ratios are fractions
 of the *original* number of patch tokens (196 for DeiT at 224 px), so DynamicViT's schedule at
-rho = 0.7 is ``keep_ratios=(0.7, 0.49, 0.343)``. *Inside* blocks, between attention and MLP
+rho = 0.7 is ``keep_ratios=(0.7, 0.49, 0.343)``; ``learned`` keeps the tokens whose score
+exceeds a model's learned per-stage threshold times ``threshold`` (AS-ViT). *Inside* blocks, between attention and MLP
 (rules ``evit`` and ``tome``): EViT keeps ``ceil(rate * current patch tokens)`` at ``locations``
 and fuses the rest into one token (rates relative to the current count, as in the official
 code); ToMe merges ``r`` tokens in every block (``merge_r``: one int for all blocks, or one per
@@ -21,10 +22,12 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-KEEP_RULES = ("topk", "mass", "value", "skip", "evit", "tome")
+KEEP_RULES = ("topk", "mass", "value", "learned", "skip", "evit", "tome")
 IN_BLOCK_RULES = ("evit", "tome")  # reduce between attention and MLP of a block
-ADAPTIVE_RULES = ("mass", "value")  # per-image counts
+ADAPTIVE_RULES = ("mass", "value", "learned")  # per-image counts
 MODES = ("gather", "mask")
+# The model family that implements each rule beyond fixed top-k (for error messages).
+RULE_FAMILY = {"mass": "sait", "value": "sait", "learned": "asvit", "evit": "evit", "tome": "tome"}
 DEFAULT_LOCATIONS = (3, 6, 9)
 
 # Guard against 196 * 0.7 ** 2 = 96.03999... style rounding turning into an off-by-one.
@@ -52,8 +55,9 @@ class SparsitySpec:
         each stage (one per location, non-increasing, in (0, 1]).
       rule: ``topk`` (fixed count per stage), ``mass`` (per image, smallest set holding
         ``threshold`` of the score mass), ``value`` (per image, tokens with normalised score
-        >= ``threshold`` / N) or ``skip`` (no pruning: the dense model).
-      threshold: parameter of the ``mass`` and ``value`` rules.
+        >= ``threshold`` / N), ``learned`` (per image, tokens scoring above the model's learned
+        threshold of the stage times ``threshold``) or ``skip`` (no pruning: the dense model).
+      threshold: parameter of the ``mass``, ``value`` and ``learned`` rules.
       min_keep, max_keep: per-image counts of adaptive rules are clamped to
         ``[ceil(min_keep * N), floor(max_keep * N)]``.
       buckets: capacities (fractions of N) that adaptive counts are padded to; one compiled
@@ -144,7 +148,7 @@ class SparsitySpec:
                     f"keep_ratios must be non-increasing (a pruned token stays pruned), got {self.keep_ratios}")
         elif self.keep_ratios:
             raise SparsityError(f"keep_ratios apply to rule='topk' only, not {self.rule!r}")
-        if self.rule in ("mass", "value"):
+        if self.rule in ADAPTIVE_RULES:
             if not locs:
                 raise SparsityError(f"rule {self.rule!r} needs at least one pruning location")
             if self.threshold is None:
@@ -153,8 +157,11 @@ class SparsitySpec:
                 raise SparsityError(f"mass threshold {self.threshold} is outside (0, 1]")
             if self.rule == "value" and not self.threshold > 0.0:
                 raise SparsityError(f"value threshold {self.threshold} must be positive")
+            if self.rule == "learned" and not 0.0 < self.threshold < math.inf:
+                raise SparsityError(f"learned-threshold scale {self.threshold} must be positive and finite "
+                                    "(1.0: the thresholds as trained; larger prunes more)")
         elif self.threshold is not None:
-            raise SparsityError(f"threshold applies to rules 'mass' and 'value', not {self.rule!r}")
+            raise SparsityError(f"threshold applies to rules {ADAPTIVE_RULES}, not {self.rule!r}")
         b = self.buckets
         if any(not 0.0 < x <= 1.0 for x in b) or any(y <= x for x, y in zip(b, b[1:])):
             raise SparsityError(f"buckets must be strictly increasing fractions in (0, 1], got {b}")
@@ -207,6 +214,14 @@ class SparsitySpec:
                    max_keep=max_keep, buckets=tuple(buckets), mode=mode)
 
     @classmethod
+    def learned(cls, scale: float = 1.0, locations: Sequence[int] = (4, 7, 10),
+                buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0), chunks: int = 1,
+                mode: str = "gather") -> "SparsitySpec":
+        """AS-ViT: per image, the tokens scoring above each stage's learned threshold x ``scale``."""
+        return cls(locations=tuple(locations), rule="learned", threshold=scale, buckets=tuple(buckets),
+                   chunks=chunks, mode=mode)
+
+    @classmethod
     def evit(cls, keep_rate: float | Sequence[float] = 0.7, locations: Sequence[int] = DEFAULT_LOCATIONS,
              fuse: bool = True) -> "SparsitySpec":
         """EViT: inside blocks ``locations`` keep ``ceil(rate * current patch tokens)``, fuse the rest."""
@@ -218,6 +233,12 @@ class SparsitySpec:
         """ToMe: merge ``r`` tokens in every block (an int), or ``r[i]`` in block ``i`` (a list)."""
         merge_r = (r,) if isinstance(r, int) else tuple(r)
         return cls(rule="tome", merge_r=merge_r, inflect=inflect)
+
+    def needs_family(self) -> str:
+        """``"needs create_model('sait_...')"``-style advice for a model that cannot run this rule."""
+        family = RULE_FAMILY.get(self.rule)
+        return f"rule {self.rule!r} needs " + (f"a model of the {family}_* family (create_model('{family}_...'))"
+                                               if family else "any model")
 
     def with_mode(self, mode: str) -> "SparsitySpec":
         return dataclasses.replace(self, mode=mode)
@@ -263,8 +284,12 @@ class SparsitySpec:
         return tuple(max(1, math.floor(num_patches * r + _FLOOR_EPS)) for r in self.keep_ratios)
 
     def count_bounds(self, num_patches: int) -> tuple[int, int]:
-        """Clamp range ``[K_min, K_max]`` of per-image counts of an adaptive rule."""
-        lo = max(1, math.ceil(num_patches * self.min_keep - _FLOOR_EPS))
+        """Clamp range ``[K_min, K_max]`` of per-image counts of an adaptive rule.
+
+        At least one patch token survives, except under ``learned`` thresholds, where an image
+        whose tokens all score below the threshold keeps only its prefix (as AS-ViT does).
+        """
+        lo = max(0 if self.rule == "learned" else 1, math.ceil(num_patches * self.min_keep - _FLOOR_EPS))
         hi = max(lo, math.floor(num_patches * self.max_keep + _FLOOR_EPS))
         return lo, hi
 
@@ -311,6 +336,7 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
 
     ``dense``; ``topk:0.7`` (rho, rho^2, ... at ``locations``); ``topk:0.7/0.5/0.3@3/6/9``;
     ``mass:0.9@3``; ``value:1.0[0.1-0.9]@3`` (optional ``[min_keep-max_keep]`` clamp);
+    ``learned:1.0@4/7/10`` (AS-ViT's learned thresholds, scaled);
     ``evit:0.7@3/6/9`` (EViT keep rate inside those blocks; ``,fuse=0`` drops instead of fusing);
     ``tome:13`` (ToMe, r per block; ``tome:16/16/12/8``, ``tome:13,inflect=-1``). Options
     ``,chunks=4`` (adaptive rules: sorted micro-batches) follow the main part.
@@ -321,8 +347,8 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     rule, sep, rest = text.partition(":")
     if not sep or rule not in KEEP_RULES:
         raise SparsityError(f"cannot parse density {text!r}: expected 'dense', 'topk:0.7', "
-                            "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3', 'value:1.0@3', 'evit:0.7@3/6/9' "
-                            "or 'tome:13'")
+                            "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3', 'value:1.0@3', "
+                            "'learned:1.0@4/7/10', 'evit:0.7@3/6/9' or 'tome:13'")
     main, *option_texts = rest.split(",")
     param, _, locs_text = main.partition("@")
     try:

@@ -5,7 +5,8 @@ sweep checks it: for each density it measures top-1 on the whole eval split, the
 kept tokens per stage, analytic GMACs at those mean counts, which fraction of object and of
 background patches survive (when the data carries object masks), and measured img/s at batch 1
 and at a serving batch (adaptive rules run in capacity buckets, so batch size matters). It writes
-``sweep.json``, ``sweep.md``, ``pareto.png`` and ``kept_tokens.png`` into ``out_dir``.
+``sweep.json``, ``sweep.md``, ``pareto.png``, ``kept_tokens.png`` and, for per-image counts,
+``kept_counts.png`` (a histogram of each image's final token count) into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     ``evaluator``: an existing :class:`Evaluator` of ``model`` whose compiled steps are reused
     for the densities it already evaluates (a trainer's periodic evaluation).
     """
-    from saitjax.viz import plot_kept_tokens, plot_pareto
+    from saitjax.viz import plot_count_histograms, plot_kept_tokens, plot_pareto
 
     batches = list(eval_batches)
     results = (evaluator or Evaluator(model, []))(params, batches, list(densities))
@@ -113,7 +114,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
                "stage_kept_fractions": fractions,
                "gmacs": r.get("gmacs", static), "gmacs_executed": r.get("gmacs_executed", static)}
         row["kept_tokens"] = row["kept_fraction"] * model.num_patches
-        for key in ("kept_object", "kept_background", "capacity"):
+        for key in ("kept_object", "kept_background", "capacity", "count_histogram"):
             if key in r:
                 row[key] = r[key]
         fn = forward_fn(model, spec)  # one compilation per (density, batch size), shared below
@@ -140,6 +141,9 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     speed_key = f"img_per_s_bs{max(timing_batch_sizes)}"
     plot_pareto([{**row, "img_per_s": row[speed_key]} for row in rows], os.path.join(out_dir, "pareto.png"),
                 x="gmacs_executed", y="top1", label="density", title=title or "accuracy vs compute, one checkpoint")
+    if any("count_histogram" in row for row in rows):
+        plot_count_histograms([row for row in rows if "count_histogram" in row], os.path.join(out_dir, "kept_counts.png"),
+                              title=f"patch tokens kept per image ({len(batches)} eval batches)")
     pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     plot_kept_tokens(pixels, masks, [label for label, _ in densities],
                      os.path.join(out_dir, "kept_tokens.png"), patch_size=model.patch_size,

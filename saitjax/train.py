@@ -252,7 +252,8 @@ class Run:
         results = self.evaluator(params, self.data.eval_batches())
         if writer is not None:
             writer.write_scalars(step, {f"{key}@{label}": value for label, r in results.items()
-                                        for key, value in r.items() if key != "count"}, prefix="eval/")
+                                        for key, value in r.items() if key != "count" and not isinstance(value, list)},
+                                prefix="eval/")
         logging.info("eval at step %d: %s", step, "  ".join(
             f"{label}: top1 {r['top1']:.4f}" for label, r in results.items()))
         return results

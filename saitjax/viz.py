@@ -70,7 +70,8 @@ def _keys(records: Sequence[dict], predicate) -> list[str]:
 
 def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
                          title: str | None = None) -> str:
-    """Loss terms, learning rate and every ``eval/top1*`` curve of a run, one panel each.
+    """Loss terms, learning rate, every ``eval/top1*`` curve of a run and, for methods that learn
+    their sparsity, the kept fractions and learned thresholds per stage; one panel each.
 
     ``metrics`` is a list of :func:`saitjax.metrics.read_metrics` records, or a workdir or
     ``metrics.jsonl`` path. Panels whose keys are absent are left out. Returns ``out_png``.
@@ -79,6 +80,8 @@ def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
     loss_keys = _keys(records, lambda k: k.startswith("train/") and "loss" in k)
     eval_loss_keys = _keys(records, lambda k: k.startswith("eval/") and "loss" in k)
     top1_keys = _keys(records, lambda k: bool(_EVAL_TOP1.match(k)))
+    kept_keys = _keys(records, lambda k: k.startswith("train/kept_fraction_"))
+    threshold_keys = _keys(records, lambda k: k.startswith("train/threshold_"))
     panels = []
     if loss_keys or eval_loss_keys:
         panels.append("loss")
@@ -86,6 +89,10 @@ def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
         panels.append("lr")
     if top1_keys:
         panels.append("top1")
+    if kept_keys:
+        panels.append("kept")
+    if threshold_keys:
+        panels.append("thresholds")
 
     fig = Figure(figsize=(5.0 * max(1, len(panels)), 3.8), dpi=100, layout="constrained")
     if title:
@@ -129,6 +136,13 @@ def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
             label = key[len("eval/top1"):].lstrip("@/_") or "top1"
             ax.plot(steps, values, marker="o", markersize=3, label=label)
         ax.set_title("eval top-1")
+    for name, keys, title in (("kept", kept_keys, "kept fraction of the patch tokens (train)"),
+                              ("thresholds", threshold_keys, "learned thresholds")):
+        if name in axes:
+            for key in keys:
+                steps, values = _series(records, key)
+                axes[name].plot(steps, values, label="stage " + key.rsplit("_", 1)[1])
+            axes[name].set_title(title)
     for ax in axes.values():
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -181,6 +195,30 @@ def plot_pareto(rows: list[dict], out_png: str, *, x: str = "gflops", y: str = "
     _pareto_panel(fig.add_subplot(1, panels, 1), points, x, y, label, group, dense_y)
     if panels == 2:
         _pareto_panel(fig.add_subplot(1, panels, 2), speed, "img_per_s", y, label, group, dense_y)
+    return _save(fig, out_png)
+
+
+def plot_count_histograms(rows: list[dict], out_png: str, *, label: str = "density",
+                          title: str | None = None) -> str:
+    """How many images end with each number of patch tokens, one step line per row.
+
+    Each row holds ``count_histogram`` (images per final count 0..N, as the evaluator reports
+    it for per-image rules) and ``row[label]`` for the legend, with the mean count.
+    """
+    if not rows:
+        raise ValueError("no row has a count_histogram")
+    fig = Figure(figsize=(6.5, 3.8), dpi=100, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for row in rows:
+        hist = np.asarray(row["count_histogram"], np.float64)
+        counts = np.arange(len(hist))
+        mean = float((hist * counts).sum() / max(hist.sum(), 1.0))
+        ax.step(counts, hist, where="mid", label=f"{row.get(label, '')} (mean {mean:.1f})")
+    ax.set_xlabel("patch tokens kept after the last stage")
+    ax.set_ylabel("images")
+    ax.set_title(title or "per-image token counts")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, out_png)
 
 

@@ -22,21 +22,11 @@ from __future__ import annotations
 
 import math
 
+from timm_reference import deit_logits, deit_tokens, timm_attention
 from tome_reference import _check_plain_deit
 
 
-def _attention(attn, x):
-    """timm attention, also returning the post-softmax probabilities [B, H, N, N]."""
-    b, n, c = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, c)
-    return attn.proj(out), probs
-
-
-def _fuse_step(x, probs, keep_rate, prefix, fuse_token):
+ef _fuse_step(x, probs, keep_rate, prefix, fuse_token):
     """The official in-block reduction on post-residual tokens x [B, N, C]; returns new x."""
     import torch
 
@@ -72,22 +62,13 @@ def evit_forward(model, images_nchw, keep_rate=0.7, drop_loc=(3, 6, 9), fuse_tok
     model.eval()
     counts = []
     with torch.no_grad():
-        x = model.patch_embed(images_nchw.float())
-        b = x.shape[0]
-        tokens = [model.cls_token.expand(b, -1, -1)]
-        if distill:
-            tokens.append(model.dist_token.expand(b, -1, -1))
-        x = torch.cat(tokens + [x], dim=1) + model.pos_embed
+        x = deit_tokens(model, images_nchw)
         for i, blk in enumerate(model.blocks):
-            x_attn, probs = _attention(blk.attn, blk.norm1(x))
+            x_attn, probs, _, _ = timm_attention(blk.attn, blk.norm1(x))
             x = x + x_attn
             if i in drop_loc:
                 x = _fuse_step(x, probs, keep_rate, prefix, fuse_token)
             x = x + blk.mlp(blk.norm2(x))
             counts.append(x.shape[1])
-        x = model.norm(x)
-        if distill:
-            logits = (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
-        else:
-            logits = model.head(x[:, 0])
+        logits = deit_logits(model, x)
     return (logits, counts) if return_counts else logits

@@ -121,9 +121,12 @@ def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any("train/loss_sparse" in r for r in records) and any("train/loss_token_kd" in r for r in records)
     out = tmp_path / "sweep_step8"
-    for name in ("sweep.json", "sweep.md", "pareto.png", "kept_tokens.png"):
+    for name in ("sweep.json", "sweep.md", "pareto.png", "kept_tokens.png", "kept_counts.png"):
         assert (out / name).stat().st_size > 0, name
     rows = json.load(open(out / "sweep.json"))
+    # per-image counts: a histogram over every eval image (40), fixed counts none
+    assert sum(rows[1]["count_histogram"]) == 40 and len(rows[1]["count_histogram"]) == 65
+    assert "count_histogram" not in rows[2]
     assert [r["density"] for r in rows] == ["dense", "mass:0.8@1", "topk:0.5@1"]
     assert rows[0]["gmacs_ratio"] == 1.0 and rows[2]["gmacs_ratio"] < 1.0
     assert rows[2]["kept_tokens"] == 32.0

@@ -1,8 +1,9 @@
-"""EViT and ToMe against PyTorch references of their official code (fp32, 1e-4), through the convert CLI.
+"""EViT, ToMe and AS-ViT against PyTorch references of their official code (fp32, 1e-4), through the convert CLI.
 
-The references (``tests/evit_reference.py``, ``tests/tome_reference.py``) re-implement the
-official forward passes (youweiliang/evit ``evit.py``; facebookresearch/ToMe ``merge.py`` and
-``patch/timm.py``) on a timm DeiT. Here a random timm DeiT is saved as an official checkpoint
+The references (``tests/evit_reference.py``, ``tests/tome_reference.py``,
+``tests/asvit_reference.py``) re-implement the official forward passes (youweiliang/evit
+``evit.py``; facebookresearch/ToMe ``merge.py`` and ``patch/timm.py``; Cydia2018/AS-ViT ``vit.py``)
+on a timm DeiT. Here a random timm DeiT is saved as an official checkpoint
 (``{"model": state_dict}`` .pth, timm keys), converted with ``python -m saitjax.tools.convert``,
 loaded into the saitjax model, and both sides run on the same images.
 """
@@ -45,8 +46,8 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _converted(checkpoints, timm_name: str, model_name: str, tmp_path, **overrides):
-    _, path, _ = checkpoints[timm_name]
+def _converted(checkpoints, timm_name: str, model_name: str, tmp_path, path: str | None = None, **overrides):
+    path = path or checkpoints[timm_name][1]
     npz = tmp_path / f"{model_name}.npz"
     assert convert_cli.main(["--src", path, "--model", model_name, "--out", str(npz)]) == 0
     model = saitjax.create_model(model_name, **overrides)
@@ -90,3 +91,38 @@ def test_evit_matches_the_official_forward(checkpoints, tmp_path, timm_name, kee
     assert [mlp for _, mlp in model.block_token_counts(spec)] == counts
     if keep_rate == 1.0:  # the dense setting is the DeiT itself
         np.testing.assert_allclose(expected.numpy(), reference(x).detach().numpy(), atol=1e-4, rtol=0)
+
+
+# Thresholds around the uniform score 1/196: every stage prunes some tokens but not all.
+ASVIT_THRESHOLDS = (0.8 / 196, 1.0 / 196, 1.2 / 196)
+
+
+@pytest.mark.parametrize("timm_name", NAMES)
+@pytest.mark.parametrize("batch_rule", ["image", "mean"])
+def test_asvit_matches_the_official_forward(checkpoints, tmp_path, timm_name, batch_rule):
+    """Official-layout checkpoint (thresholds as 0-d tensors) -> convert CLI -> same logits and kept sets.
+
+    ``image``: each image alone (the official batch-1 rule) must equal the batched saitjax run;
+    ``mean``: the official batch-2 rule, every image keeping floor(mean count).
+    """
+    import asvit_reference
+
+    torch, _ = import_timm()
+    reference, _, images = checkpoints[timm_name]
+    path = tmp_path / "asvit.pth"
+    torch.save({"model": asvit_reference.asvit_state_dict(reference, ASVIT_THRESHOLDS)}, path)
+    model_name = timm_name.replace("deit_", "asvit_deit_")
+    model, params = _converted(checkpoints, timm_name, model_name, tmp_path, path=str(path), batch_rule=batch_rule)
+    np.testing.assert_allclose([float(params[f"score_predictor_{s}"]["keep_threshold"]) for s in range(3)],
+                               ASVIT_THRESHOLDS, rtol=1e-6)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    expected, info = asvit_reference.asvit_forward(reference, x, thresholds=ASVIT_THRESHOLDS, pruning_loc=(4, 7, 10),
+                                                   batch_rule=batch_rule, return_info=True)
+    logits, aux = jax.jit(lambda p, im: model.apply({"params": p}, im))(params, images)
+    np.testing.assert_allclose(np.asarray(logits), expected.numpy(), atol=1e-4, rtol=0)
+    counts = np.stack([np.asarray(c) for c in aux["kept_counts"]])
+    np.testing.assert_array_equal(counts, np.asarray(info["counts"]))
+    assert (counts[0] > 0).all() and (counts[0] < 196).all(), f"thresholds must prune some tokens: {counts}"
+    for s, kept in enumerate(info["kept"]):
+        for b in range(len(images)):
+            assert sorted(np.flatnonzero(np.asarray(aux["keep_masks"][s][b]))) == list(kept[b])

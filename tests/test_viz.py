@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from saitjax.metrics import MetricWriter
-from saitjax.viz import grey_out_pruned, plot_kept_tokens, plot_pareto, plot_training_curves
+from saitjax.viz import grey_out_pruned, plot_count_histograms, plot_kept_tokens, plot_pareto, plot_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,6 +39,22 @@ def test_training_curves_from_workdir(tmp_path):
                                title="deit_small")
     assert out == str(tmp_path / "plots" / "curves.png")
     assert_png(out, min_width=1000)  # Three panels side by side.
+
+
+def test_training_curves_show_learned_thresholds_and_kept_fractions(tmp_path):
+    records = [{"step": s, "train/loss": 1.0, "train/threshold_0": 0.01 + s * 1e-4, "train/threshold_1": 0.02,
+                "train/kept_fraction_0": 0.9 - s / 400, "train/kept_fraction_1": 0.6} for s in range(0, 200, 10)]
+    out = plot_training_curves(records, str(tmp_path / "curves.png"))
+    with Image.open(out) as image:
+        assert image.size[0] >= 1500  # loss, kept fractions and thresholds side by side
+
+
+def test_count_histograms(tmp_path):
+    rows = [{"density": "learned:1", "count_histogram": [0, 2, 5, 9, 4, 0]},
+            {"density": "learned:1.5", "count_histogram": [3, 9, 6, 2, 0, 0]}]
+    assert_png(plot_count_histograms(rows, str(tmp_path / "counts.png")))
+    with pytest.raises(ValueError, match="count_histogram"):
+        plot_count_histograms([], str(tmp_path / "none.png"))
 
 
 def test_training_curves_missing_keys(tmp_path):

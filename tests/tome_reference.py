@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import math
 
+from timm_reference import deit_logits, deit_tokens, timm_attention
+
 # torch is imported inside the functions, so importing this module never needs torch (tests
 # call tests/timm_reference.import_timm() first, which skips where torch/timm are absent).
 
@@ -75,20 +77,7 @@ def _check_plain_deit(model):
         assert getattr(a, "gate", None) is None, "gated attention is not supported"
 
 
-def _attention(attn, x, size):
-    """ToMe attention: output and the head-mean of the keys. ``size`` [B, N] or None."""
-    b, n, c = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).float().reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, d]
-    logits = (q @ k.transpose(-2, -1)) * attn.scale
-    if size is not None:
-        logits = logits + size.log()[:, None, None, :]  # bias on key j, after the scaling
-    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
-    return attn.proj(out), k.mean(dim=1)
-
-
-def _match(metric, r, distill):
+ef _match(metric, r, distill):
     """Bipartite soft matching (CLS protected). Returns (kept A idx, merged A idx, their B idx)."""
     import torch
 
@@ -133,12 +122,8 @@ def tome_forward(model, images_nchw, r=8, prop_attn=True, return_info=False):
     assert model.cls_token is not None, "ToMe's timm patch assumes a class token here"
     model.eval()
     with torch.no_grad():
-        x = model.patch_embed(images_nchw.float())
+        x = deit_tokens(model, images_nchw)
         b = x.shape[0]
-        prefix = [model.cls_token.expand(b, -1, -1)]
-        if distill:
-            prefix.append(model.dist_token.expand(b, -1, -1))
-        x = torch.cat(prefix + [x], dim=1) + model.pos_embed
         n0 = x.shape[1]
         protected = 1 + int(distill)
 
@@ -146,7 +131,8 @@ def tome_forward(model, images_nchw, r=8, prop_attn=True, return_info=False):
         source = None  # [B, N, N0] once a block merged
         counts = []
         for blk, r_l in zip(model.blocks, parse_r(len(model.blocks), r)):
-            x_attn, metric = _attention(blk.attn, blk.norm1(x), size if prop_attn else None)
+            x_attn, _, _, keys = timm_attention(blk.attn, blk.norm1(x), size if prop_attn else None)
+            metric = keys.mean(dim=1)
             x = x + x_attn
             r_l = min(r_l, (x.shape[1] - protected) // 2)
             if r_l > 0:
@@ -161,11 +147,7 @@ def tome_forward(model, images_nchw, r=8, prop_attn=True, return_info=False):
             x = x + blk.mlp(blk.norm2(x))
             counts.append(x.shape[1])
 
-        x = model.norm(x)
-        if distill:
-            logits = (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
-        else:
-            logits = model.head(x[:, 0])
+        logits = deit_logits(model, x)
 
     if not return_info:
         return logits

@@ -114,9 +114,8 @@ class DynamicViT(VisionTransformer):
         if spec.is_dense:
             return
         if spec.rule != "topk":
-            raise SparsityError(
-                f"{type(self).__name__} keeps a fixed number of tokens per stage (rule 'topk'); "
-                f"the adaptive rule {spec.rule!r} needs a SaiT model (create_model('sait_...'))")
+            raise SparsityError(f"{type(self).__name__} keeps a fixed number of tokens per stage (rule 'topk'); "
+                                f"{spec.needs_family()}")
         if tuple(spec.locations) != tuple(self.predictor_locations):
             raise SparsityError(
                 f"{type(self).__name__} has predictors before blocks {tuple(self.predictor_locations)} "

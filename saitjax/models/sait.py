@@ -51,7 +51,7 @@ def adaptive_counts(scores: Array, alive: Array, spec: SparsitySpec, bounds: tup
     elif spec.rule == "value":
         counts = token_ops.value_keep_counts(scores, spec.threshold, alive)
     else:
-        raise SparsityError(f"rule {spec.rule!r} has no per-image count")
+        raise SparsityError(f"SaiT has no per-image count for {spec.needs_family()}")
     lo, hi = bounds
     return jnp.minimum(jnp.maximum(counts, lo), jnp.minimum(hi, n_alive)).astype(jnp.int32)
 
@@ -60,6 +60,11 @@ class SaiT(VisionTransformer):
     """A ViT/DeiT whose tokens are pruned per image by CLS-attention importance; no new weights."""
 
     # Density used when ``__call__`` gets no spec: dense (``skip``). Densities are chosen per call.
+
+    def check_spec(self, spec: SparsitySpec) -> None:
+        if not spec.is_dense and spec.rule not in ("topk", "mass", "value"):
+            raise SparsityError(f"{type(self).__name__} prunes by fixed counts or the rules 'mass'/'value'; "
+                                f"{spec.needs_family()}")
 
     def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,
                       train: bool) -> tuple[TokenState, Aux]:
@@ -74,12 +79,8 @@ class SaiT(VisionTransformer):
         p = self.num_prefix_tokens
         alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
         counts = adaptive_counts(scores, alive, spec, spec.count_bounds(self.num_patches))
-        idx, valid = token_ops.capacity_select(jnp.where(alive > 0, scores, -jnp.inf), counts, scores.shape[-1])
-        keep_patches = token_ops.indices_to_mask(idx, scores.shape[-1], valid)
-        keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
-        mask = token_ops.indices_to_mask(state.patch_index, self.num_patches, keep_patches)
-        return state.replace(keep=keep), {"keep_masks": mask, "kept_counts": counts,
-                                          "token_scores": grid_scores}
+        new, mask = self.keep_counted(state, scores, counts)
+        return new, {"keep_masks": mask, "kept_counts": counts, "token_scores": grid_scores}
 
     def per_image_counts(self, stage: int, state: TokenState, cls_attn: Array,
                          spec: SparsitySpec) -> tuple[Array, Array, Aux]:

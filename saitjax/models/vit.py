@@ -329,11 +329,10 @@ class VisionTransformer(nn.Module):
         return SparsitySpec.dense()
 
     def check_spec(self, spec: SparsitySpec) -> None:
-        """Raise a clear error if this model cannot run ``spec`` (methods narrow it)."""
-        if spec.in_block and not spec.is_dense:
-            raise SparsityError(
-                f"{type(self).__name__} has no in-block reduction for rule {spec.rule!r}; use "
-                f"create_model('{'evit' if spec.rule == 'evit' else 'tome'}_...')")
+        """Raise a clear error if this model cannot run ``spec`` (methods widen or narrow it)."""
+        if not spec.is_dense and spec.rule != "topk":
+            raise SparsityError(f"{type(self).__name__} prunes with fixed counts (rule 'topk'); "
+                                f"{spec.needs_family()}")
 
     def run_blocks(self, state: TokenState, cls_attn: Array | None, spec: SparsitySpec, train: bool,
                    aux: Aux, start: int = 0, in_bucket: bool = False) -> tuple[Array, Aux]:
@@ -389,9 +388,8 @@ class VisionTransformer(nn.Module):
                       train: bool) -> tuple[TokenState, Aux]:
         """Prune before a block. Returns the new state and per-stage aux entries."""
         if spec.rule != "topk":
-            raise SparsityError(
-                f"{type(self).__name__} prunes with fixed counts (rule 'topk'); the adaptive rule "
-                f"{spec.rule!r} needs a SaiT model (create_model('sait_...'))")
+            raise SparsityError(f"{type(self).__name__} prunes with fixed counts (rule 'topk'); "
+                                f"{spec.needs_family()}")
         k = spec.keep_counts(self.num_patches)[stage]
         scores = self.token_scores(state, cls_attn)
         return self.keep_top(state, scores, k, spec.mode)
@@ -407,8 +405,21 @@ class VisionTransformer(nn.Module):
     def per_image_counts(self, stage: int, state: TokenState, cls_attn: Array,
                          spec: SparsitySpec) -> tuple[Array, Array, Aux]:
         """``(scores [B, N_cur], counts [B], extra stage aux)`` of an adaptive rule (buckets)."""
-        raise SparsityError(f"{type(self).__name__} has no per-image counts: the adaptive rule "
-                            f"{spec.rule!r} needs a SaiT model (create_model('sait_...'))")
+        raise SparsityError(f"{type(self).__name__} has no per-image counts: {spec.needs_family()}")
+
+    def keep_counted(self, state: TokenState, scores: Array, counts: Array) -> tuple[TokenState, Array]:
+        """Keep each image's ``counts[b]`` best-scored alive patch tokens as a validity mask.
+
+        Used by per-image rules in ``mask`` mode and at later locations inside a capacity bucket
+        (tokens stay in place; the rest become invisible keys). Returns the new state and the
+        kept patches on the original grid ``[B, num_patches]``.
+        """
+        p = self.num_prefix_tokens
+        alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
+        idx, valid = token_ops.capacity_select(jnp.where(alive > 0, scores, -jnp.inf), counts, scores.shape[-1])
+        keep_patches = token_ops.indices_to_mask(idx, scores.shape[-1], valid)
+        keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
+        return state.replace(keep=keep), token_ops.indices_to_mask(state.patch_index, self.num_patches, keep_patches)
 
     def keep_top(self, state: TokenState, scores: Array, k: int, mode: str) -> tuple[TokenState, Aux]:
         """Keep the ``k`` best-scored patch tokens, by gathering them or by masking the rest."""
