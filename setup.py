@@ -33,7 +33,7 @@ EXTRAS = {
 setup(
     name="saitjax",
     version="0.1.0",
-    description="Token-sparse Vision Transformers (SaiT, AS-ViT, DynamicViT, STViT, EViT, ToMe) in JAX/Flax",
+    description="Token-sparse Vision Transformers (SaiT, AS-ViT, DynamicViT, EViT, ToMe) in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["saitjax", "saitjax.*"]),

@@ -95,7 +95,7 @@ def asvit_state_dict(timm_model, thresholds=(0.001, 0.002, 0.003)):
     return out
 
 
-ef asvit_score(probs, heads, prefix=1):
+def asvit_score(probs, heads, prefix=1):
     """Head-importance-weighted CLS attention [B, N - prefix] of the non-prefix tokens.
 
     ``probs`` [B,H,N,N] post-softmax, ``heads`` [B,H,N,d] = probs @ V (official vit.py:202-206).

@@ -26,7 +26,7 @@ from timm_reference import deit_logits, deit_tokens, timm_attention
 from tome_reference import _check_plain_deit
 
 
-ef _fuse_step(x, probs, keep_rate, prefix, fuse_token):
+def _fuse_step(x, probs, keep_rate, prefix, fuse_token):
     """The official in-block reduction on post-residual tokens x [B, N, C]; returns new x."""
     import torch
 

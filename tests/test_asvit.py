@@ -141,8 +141,10 @@ def test_no_token_above_the_threshold_keeps_the_prefix_only(setup):
 
 def test_specs_it_cannot_run_are_refused_with_the_fix(setup):
     model, params, images = setup
-    with pytest.raises(SparsityError, match=r"'learned:1.0@1/2/3'"):
+    with pytest.raises(SparsityError, match=r"'learned:1.0@1/2/3'\) or fixed counts"):
         model.apply({"params": params}, images, sparsity=parse_density("mass:0.7@1"))
+    fixed, aux = model.apply({"params": params}, images, sparsity=SparsitySpec.topk((0.5, 0.25, 0.125), (1, 2, 3)))
+    assert aux["tokens"].shape[1] == 1 + 8  # fixed counts on the same scores: a baseline
     with pytest.raises(SparsityError, match="thresholds before blocks"):
         model.apply({"params": params}, images, sparsity=SparsitySpec.learned(1.0, (1, 2)))
     sait = saitjax.create_model("sait_test_patch4_32")

@@ -96,7 +96,7 @@ def test_asvit_configs_build():
         assert config.method == "asvit" and config.model.startswith("asvit_deit_")
         assert tuple(config.model_kwargs.pruning_loc) == (4, 7, 10)
     demo = load_config("asvit_demo", "init=/tmp/d.npz")
-    assert demo.teacher == "init" and demo.method_kwargs.base_rate == 0.65
+    assert demo.teacher == "init" and demo.method_kwargs.base_rate == 0.6
     with pytest.raises(ValueError, match="configs/demo_dense.py"):
         load_config("asvit_demo")
     with pytest.raises(ValueError, match="needs an AS-ViT model"):

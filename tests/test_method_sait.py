@@ -124,9 +124,9 @@ def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
     for name in ("sweep.json", "sweep.md", "pareto.png", "kept_tokens.png", "kept_counts.png"):
         assert (out / name).stat().st_size > 0, name
     rows = json.load(open(out / "sweep.json"))
-    # per-image counts: a histogram over every eval image (40), fixed counts none
+    # per-image counts: a histogram over every eval image (40); fixed counts a single spike; dense none
     assert sum(rows[1]["count_histogram"]) == 40 and len(rows[1]["count_histogram"]) == 65
-    assert "count_histogram" not in rows[2]
+    assert rows[2]["count_histogram"][32] == 40 and "count_histogram" not in rows[0]
     assert [r["density"] for r in rows] == ["dense", "mass:0.8@1", "topk:0.5@1"]
     assert rows[0]["gmacs_ratio"] == 1.0 and rows[2]["gmacs_ratio"] < 1.0
     assert rows[2]["kept_tokens"] == 32.0

@@ -77,7 +77,7 @@ def _check_plain_deit(model):
         assert getattr(a, "gate", None) is None, "gated attention is not supported"
 
 
-ef _match(metric, r, distill):
+def _match(metric, r, distill):
     """Bipartite soft matching (CLS protected). Returns (kept A idx, merged A idx, their B idx)."""
     import torch
 

@@ -22,6 +22,7 @@ inference (``t = 1``: as trained), one compiled function per ``t``.
   image keeps its own top ``floor(sum of the batch's counts / B)`` tokens (at batch 1 the same
   as "image"). Its result depends on the batch; it runs with one chunk.
 
+Fixed counts (``topk`` densities) also run, on the same scores: a baseline for the thresholds.
 An image with no token above the threshold keeps its prefix only (allowed, as official). A
 distilled DeiT's distillation token is protected like CLS. The official checkpoint keys
 ``score_predictor.{s}.keep_threshold`` (0-d tensors) convert onto the thresholds.
@@ -98,9 +99,11 @@ class ASViT(VisionTransformer):
         if spec.is_dense:
             return
         loc = "/".join(map(str, self.pruning_loc))
+        if spec.rule == "topk":  # fixed counts on the same scores (a baseline for the thresholds)
+            return
         if spec.rule != "learned":
             raise SparsityError(f"{type(self).__name__} prunes by its learned thresholds (rule 'learned', e.g. "
-                                f"'learned:1.0@{loc}'), not {spec.rule!r}")
+                                f"'learned:1.0@{loc}') or fixed counts ('topk'), not {spec.rule!r}")
         if tuple(spec.locations) != tuple(self.pruning_loc):
             raise SparsityError(f"{type(self).__name__} has thresholds before blocks {tuple(self.pruning_loc)} but "
                                 f"the spec prunes at {tuple(spec.locations)}; use 'learned:1.0@{loc}'")
@@ -127,6 +130,8 @@ class ASViT(VisionTransformer):
 
     def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,
                       train: bool) -> tuple[TokenState, Aux]:
+        if spec.rule == "topk":
+            return super().select_tokens(stage, state, cls_attn, spec, train)
         scores = self.token_scores(state, cls_attn)
         threshold = self._threshold(stage, spec)
         p, b = self.num_prefix_tokens, scores.shape[0]
