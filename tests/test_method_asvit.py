@@ -59,7 +59,7 @@ def test_threshold_gradients_move_the_kept_count_toward_the_budget(base_rate, di
         loss, per_image = budget_loss(model, spec, aux["decisions"], base_rate)
         return loss, jnp.mean(per_image)
 
-    (loss, gmacs), grads = jax.value_and_grad(loss_and_gmacs, has_aux=True)(params)
+    (loss, gmacs), grads = jax.jit(jax.value_and_grad(loss_and_gmacs, has_aux=True))(params)
     g = {name: float(v) for name, v in threshold_params(grads).items()}
     assert any(v != 0.0 for v in g.values()), g
     # The last threshold only decides its own stage: dL/dtheta has the sign of the count's move.
@@ -67,7 +67,7 @@ def test_threshold_gradients_move_the_kept_count_toward_the_budget(base_rate, di
     assert np.sign(g["score_predictor_2"]) == direction, g
     eta = 5e-4 / max(abs(v) for v in g.values())  # a small gradient step of the thresholds alone
     moved = {**params, **{name: {"keep_threshold": params[name]["keep_threshold"] - eta * v} for name, v in g.items()}}
-    loss_after, gmacs_after = loss_and_gmacs(moved)
+    loss_after, gmacs_after = jax.jit(loss_and_gmacs)(moved)
     assert float(loss_after) < float(loss)
     assert np.sign(float(gmacs_after) - float(gmacs)) == direction  # fewer kept tokens over budget, more under
 

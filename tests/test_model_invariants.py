@@ -76,7 +76,7 @@ def test_dense_setting_is_bit_identical_to_plain_deit(built, name):
 def test_every_patch_is_in_one_live_token_or_discarded(built, name):
     model, params, images = built(name)
     spec = _reducing_spec(model, name)
-    _, aux = model.apply({"params": params}, images, sparsity=spec)
+    _, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec))(params, images)
     p = model.num_prefix_tokens
     source, size = np.asarray(aux["source"]), np.asarray(aux["token_size"])
     assert source.shape == (4, model.num_patches)
@@ -97,8 +97,8 @@ def test_every_patch_is_in_one_live_token_or_discarded(built, name):
 def test_masked_forward_equals_gathered_forward(built, name):
     model, params, images = built(name)
     spec = _reducing_spec(model, name)
-    gathered, g_aux = model.apply({"params": params}, images, sparsity=spec)
-    masked, m_aux = model.apply({"params": params}, images, sparsity=spec.with_mode("mask"))
+    gathered, g_aux = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec))(params, images)
+    masked, m_aux = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec.with_mode("mask")))(params, images)
     np.testing.assert_allclose(np.asarray(gathered), np.asarray(masked), atol=1e-5)
     for g, m in zip(g_aux["keep_masks"], m_aux["keep_masks"]):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(m))
