@@ -32,12 +32,9 @@ ROOT = os.path.dirname(HERE)
 
 def load_config(name: str, arg: str, sweep: tuple[str, ...]):
     """``configs/<name>.py`` at ``arg``, with the densities to sweep."""
-    import importlib.util
+    from saitjax.config import load_config_file
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), arg)
     with config.unlocked():
         config.eval.sweep = sweep
         config.eval.sweep_batch_sizes = (1, 32)

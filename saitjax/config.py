@@ -8,11 +8,24 @@ checked with a message that names the field and the fix, before anything touches
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, Mapping
 
 import ml_collections
 
 from saitjax.sparsity import SparsityError
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file such as ``configs/demo.py`` (as ``--config path:arg``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load config file {path!r}: expected a .py file defining get_config(arg)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def base_config() -> ml_collections.ConfigDict:

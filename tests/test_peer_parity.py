@@ -46,12 +46,17 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _converted(checkpoints, timm_name: str, model_name: str, tmp_path, path: str | None = None, **overrides):
-    path = path or checkpoints[timm_name][1]
+def _both_sides(checkpoints, timm_name: str, method: str, tmp_path, path: str | None = None, **overrides):
+    """``(reference, images NHWC, images NCHW torch, saitjax model, params)``: the .pth at ``path``
+    (default: the DeiT checkpoint) converted with the CLI into ``{method}_{timm_name}``."""
+    torch, _ = import_timm()
+    reference, deit_path, images = checkpoints[timm_name]
+    model_name = timm_name.replace("deit_", f"{method}_deit_")
     npz = tmp_path / f"{model_name}.npz"
-    assert convert_cli.main(["--src", path, "--model", model_name, "--out", str(npz)]) == 0
+    assert convert_cli.main(["--src", path or deit_path, "--model", model_name, "--out", str(npz)]) == 0
     model = saitjax.create_model(model_name, **overrides)
-    return model, saitjax.load_params(str(npz), model_name)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    return reference, images, x, model, saitjax.load_params(str(npz), model_name)
 
 
 @pytest.mark.parametrize("timm_name", NAMES)
@@ -59,11 +64,7 @@ def _converted(checkpoints, timm_name: str, model_name: str, tmp_path, path: str
 def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, prop_attn):
     import tome_reference
 
-    torch, _ = import_timm()
-    reference, _, images = checkpoints[timm_name]
-    model_name = timm_name.replace("deit_", "tome_deit_")
-    model, params = _converted(checkpoints, timm_name, model_name, tmp_path, prop_attn=prop_attn)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    reference, images, x, model, params = _both_sides(checkpoints, timm_name, "tome", tmp_path, prop_attn=prop_attn)
     expected, info = tome_reference.tome_forward(reference, x, r=r, prop_attn=prop_attn, return_info=True)
     logits, aux = jax.jit(lambda p, im: model.apply({"params": p}, im, sparsity=SparsitySpec.tome(r)))(params, images)
     np.testing.assert_allclose(np.asarray(logits), expected.numpy(), atol=1e-4, rtol=0)
@@ -77,11 +78,7 @@ def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, 
 def test_evit_matches_the_official_forward(checkpoints, tmp_path, timm_name, keep_rate, fuse):
     import evit_reference
 
-    torch, _ = import_timm()
-    reference, _, images = checkpoints[timm_name]
-    model_name = timm_name.replace("deit_", "evit_deit_")
-    model, params = _converted(checkpoints, timm_name, model_name, tmp_path)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    reference, images, x, model, params = _both_sides(checkpoints, timm_name, "evit", tmp_path)
     expected, counts = evit_reference.evit_forward(reference, x, keep_rate=keep_rate, drop_loc=(3, 6, 9),
                                                    fuse_token=fuse, return_counts=True)
     spec = SparsitySpec.evit(keep_rate, (3, 6, 9), fuse)
@@ -108,14 +105,12 @@ def test_asvit_matches_the_official_forward(checkpoints, tmp_path, timm_name, ba
     import asvit_reference
 
     torch, _ = import_timm()
-    reference, _, images = checkpoints[timm_name]
     path = tmp_path / "asvit.pth"
-    torch.save({"model": asvit_reference.asvit_state_dict(reference, ASVIT_THRESHOLDS)}, path)
-    model_name = timm_name.replace("deit_", "asvit_deit_")
-    model, params = _converted(checkpoints, timm_name, model_name, tmp_path, path=str(path), batch_rule=batch_rule)
+    torch.save({"model": asvit_reference.asvit_state_dict(checkpoints[timm_name][0], ASVIT_THRESHOLDS)}, path)
+    reference, images, x, model, params = _both_sides(checkpoints, timm_name, "asvit", tmp_path, path=str(path),
+                                                      batch_rule=batch_rule)
     np.testing.assert_allclose([float(params[f"score_predictor_{s}"]["keep_threshold"]) for s in range(3)],
                                ASVIT_THRESHOLDS, rtol=1e-6)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     expected, info = asvit_reference.asvit_forward(reference, x, thresholds=ASVIT_THRESHOLDS, pruning_loc=(4, 7, 10),
                                                    batch_rule=batch_rule, return_info=True)
     logits, aux = jax.jit(lambda p, im: model.apply({"params": p}, im))(params, images)

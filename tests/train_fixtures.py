@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 
-from saitjax.config import base_config
+from saitjax.config import base_config, load_config_file
 
 
 def tiny_config(**overrides):
@@ -58,7 +57,4 @@ def tiny_data(mesh, config, seed: int = 0):
 def load_config(name: str, arg: str | None = None):
     """``configs/<name>.py``'s ``get_config(arg)``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(os.path.join(root, "configs", f"{name}.py"), arg)

@@ -128,16 +128,22 @@ class ASViT(VisionTransformer):
         lo, hi = spec.count_bounds(self.num_patches)
         return jnp.clip(counts, lo, hi)
 
+    def _scored(self, stage: int, state: TokenState, cls_attn: Array,
+                spec: SparsitySpec) -> tuple[Array, Array, Aux]:
+        """Scores of the current patch tokens, the stage's (scaled) threshold, their stage aux."""
+        scores = self.token_scores(state, cls_attn)
+        threshold = self._threshold(stage, spec)
+        return scores, threshold, {
+            "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, self.num_patches),
+            "thresholds": jnp.broadcast_to(threshold, scores.shape[:1])}
+
     def select_tokens(self, stage: int, state: TokenState, cls_attn: Array, spec: SparsitySpec,
                       train: bool) -> tuple[TokenState, Aux]:
         if spec.rule == "topk":
             return super().select_tokens(stage, state, cls_attn, spec, train)
-        scores = self.token_scores(state, cls_attn)
-        threshold = self._threshold(stage, spec)
+        scores, threshold, aux = self._scored(stage, state, cls_attn, spec)
         p, b = self.num_prefix_tokens, scores.shape[0]
         alive = state.keep[:, p:] if state.keep is not None else jnp.ones(scores.shape, jnp.float32)
-        grid_scores = token_ops.scatter_to_grid(scores, state.patch_index, self.num_patches)
-        aux: Aux = {"token_scores": grid_scores, "thresholds": jnp.broadcast_to(threshold, (b,))}
         if spec.mode == "mask" and train:
             # Straight-through hard decisions: the gradient reaches theta and the scores.
             decisions = token_ops.sigmoid_threshold_hard(scores, threshold, self.threshold_tau)
@@ -155,12 +161,8 @@ class ASViT(VisionTransformer):
     def per_image_counts(self, stage: int, state: TokenState, cls_attn: Array,
                          spec: SparsitySpec) -> tuple[Array, Array, Aux]:
         """Scores and counts at the first location (the bucket runner's input)."""
-        scores = self.token_scores(state, cls_attn)
-        threshold = self._threshold(stage, spec)
-        counts = self._counts(scores, jnp.ones(scores.shape, jnp.float32), threshold, spec)
-        return scores, counts, {
-            "token_scores": token_ops.scatter_to_grid(scores, state.patch_index, self.num_patches),
-            "thresholds": jnp.broadcast_to(threshold, scores.shape[:1])}
+        scores, threshold, aux = self._scored(stage, state, cls_attn, spec)
+        return scores, self._counts(scores, jnp.ones(scores.shape, jnp.float32), threshold, spec), aux
 
     def extra_macs(self, spec: SparsitySpec | None) -> float:
         """Head importance (one norm per head and token) in each block that scores tokens."""
