@@ -8,10 +8,13 @@ checked with a message that names the field and the fix, before anything touches
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from saitjax.sparsity import SparsityError
 
@@ -44,11 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
                                              label_smoothing=0.1, prob=1.0))
     c.batch_size = 1024  # global, over all devices and processes
-    # Durations: give steps (> 0) or epochs (> 0); steps win when both are set.
-    c.train_steps = -1
+    # Durations: train_steps (> 0) when set, else train_epochs (> 0). Likewise optim.warmup_steps
+    # over optim.warmup_epochs, and optim.lr over the rule lr = lr_per_512 * batch_size / 512.
+    # "Unset" is None, never a magic number: a negative or NaN value is an error, not a default.
+    c.train_steps = placeholder(int)
     c.train_epochs = 30.0
     c.optim = ml_collections.ConfigDict(dict(
-        lr_per_512=5e-4, lr=-1.0, min_lr=1e-6, warmup_steps=-1, warmup_epochs=5.0,
+        lr_per_512=5e-4, lr=placeholder(float), min_lr=1e-6, warmup_steps=placeholder(int), warmup_epochs=5.0,
         weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0,
         frozen=(), lr_multipliers=(), frozen_until_epoch=()))
     # densities: evaluated at every evaluation. sweep: densities of the final density sweep
@@ -166,11 +171,46 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(f"invalid config: {message}")
 
 
+def _numbers(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted.path, number)`` for every number in a config, tuples and pairs included."""
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        yield path, value
+
+
+def _check_optim(o: ml_collections.ConfigDict) -> None:
+    """Optimiser fields: an unset field (None) takes its rule; a set one must be in range."""
+    if o.lr is not None:
+        _require(o.lr > 0, f"optim.lr={o.lr!r} must be > 0 (leave it unset, None, to use "
+                           "optim.lr_per_512 * batch_size / 512)")
+    _require(o.lr_per_512 > 0, f"optim.lr_per_512={o.lr_per_512!r} must be > 0")
+    _require(o.min_lr >= 0, f"optim.min_lr={o.min_lr!r} must be >= 0")
+    _require(o.warmup_steps is None or o.warmup_steps >= 0,
+             f"optim.warmup_steps={o.warmup_steps!r} must be >= 0 (leave it unset to use optim.warmup_epochs)")
+    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs!r} must be >= 0")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay!r} must be >= 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must lie in [0, 1)")
+    _require(o.eps >= 0, f"optim.eps={o.eps!r} must be >= 0")
+    _require(o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm!r} must be >= 0 (0 = off)")
+    for field in ("lr_multipliers", "frozen_until_epoch"):
+        for i, pair in enumerate(o[field]):
+            _require(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                     and isinstance(pair[1], numbers.Real) and pair[1] >= 0,
+                     f"optim.{field}[{i}]={pair!r} must be a (regex, number >= 0) pair")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check every field; raise ValueError naming the field and the fix."""
     from saitjax.methods import METHODS
     from saitjax.models import create_model
 
+    for path, value in _numbers(c, ""):  # NaN/inf pass every `<`/`>=` check below, or fail it misleadingly
+        _require(math.isfinite(value), f"{path}={value!r} must be a finite number")
     try:
         model = create_model(c.model, **dict(c.model_kwargs))
     except (ValueError, TypeError) as err:
@@ -181,12 +221,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"model_kwargs.img_size={c.data.image_size} to interpolate position embeddings")
     _require(bool(c.data.name), "data.name is empty: a TFDS name or imagefolder:/path")
     _require(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
-    _require(c.train_steps > 0 or c.train_epochs > 0, "set train_steps > 0 or train_epochs > 0")
-    o = c.optim
-    _require(o.lr > 0 or o.lr_per_512 > 0, "optim.lr or optim.lr_per_512 must be positive")
-    _require(o.min_lr >= 0 and o.weight_decay >= 0, "optim.min_lr and optim.weight_decay must be >= 0")
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must lie in [0, 1)")
-    _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm must be >= 0 (0 = off)")
+    if c.train_steps is not None:
+        _require(c.train_steps > 0, f"train_steps={c.train_steps} must be > 0 (leave it unset to use train_epochs)")
+    else:
+        _require(c.train_epochs > 0, f"train_epochs={c.train_epochs!r} must be > 0 (or set train_steps)")
+    _require(isinstance(c.seed, int) and 0 <= c.seed < 2**32, f"seed={c.seed!r} must be an integer in [0, 2**32)")
+    _check_optim(c.optim)
     m = c.mixup
     _require(min(m.mixup_alpha, m.cutmix_alpha) >= 0, "mixup alphas must be >= 0 (0 = off)")
     _require(0 <= m.label_smoothing < 1 and 0 <= m.prob <= 1 and 0 <= m.switch_prob <= 1,

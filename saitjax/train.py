@@ -98,16 +98,16 @@ def run_meta(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
 def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
     """``(total_steps, warmup_steps, steps_per_epoch)`` from steps or epochs."""
     steps_per_epoch = max(1, num_train_examples // config.batch_size)
-    total = config.train_steps if config.train_steps > 0 else math.ceil(config.train_epochs * steps_per_epoch)
+    total = config.train_steps if config.train_steps is not None else math.ceil(config.train_epochs * steps_per_epoch)
     o = config.optim
-    warmup = o.warmup_steps if o.warmup_steps >= 0 else round(o.warmup_epochs * steps_per_epoch)
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
     return total, min(warmup, total), steps_per_epoch
 
 
 def optimizer_config(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int,
                      steps_per_epoch: int) -> OptimizerConfig:
     o = config.optim
-    lr = o.lr if o.lr > 0 else scaled_lr(o.lr_per_512, config.batch_size)
+    lr = o.lr if o.lr is not None else scaled_lr(o.lr_per_512, config.batch_size)
     return OptimizerConfig(
         lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min(o.min_lr, lr),
         weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,

@@ -66,7 +66,7 @@ def test_demo_config_trains_on_generated_tiny_dataset(tmp_path):
     ("--config.data.name=saitjax_shapez", "Did you mean 'saitjax_shapes'"),
     ("--config.data.name=imagefolder:/no/such/dir", "ImageFolder root '/no/such/dir' does not exist"),
     ("--config.batch_sise=8", "Did you mean \"batch_size\""),
-    ("--config.optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+    ("--config.optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
 ])
 def test_cli_bad_input_names_the_problem(tmp_path, override, message):
     out = _main("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), override)
