@@ -13,7 +13,9 @@ exceeds a model's learned per-stage threshold times ``threshold`` (AS-ViT). *Ins
 (rules ``evit`` and ``tome``): EViT keeps ``ceil(rate * current patch tokens)`` at ``locations``
 and fuses the rest into one token (rates relative to the current count, as in the official
 code); ToMe merges ``r`` tokens in every block (``merge_r``: one int for all blocks, or one per
-block).
+block). *Replacing* the patch tokens (rule ``semantic``, STViT): before block ``location`` the
+patch tokens are pooled into ``semantic_tokens`` tokens that attend to the image tokens for
+``1 + update_layers`` blocks; later blocks see only the prefix and the semantic tokens.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-KEEP_RULES = ("topk", "mass", "value", "learned", "skip", "evit", "tome")
+KEEP_RULES = ("topk", "mass", "value", "learned", "skip", "evit", "tome", "semantic")
 IN_BLOCK_RULES = ("evit", "tome")  # reduce between attention and MLP of a block
 ADAPTIVE_RULES = ("mass", "value", "learned")  # per-image counts
 MODES = ("gather", "mask")
 # The model family that implements each rule beyond fixed top-k (for error messages).
-RULE_FAMILY = {"mass": "sait", "value": "sait", "learned": "asvit", "evit": "evit", "tome": "tome"}
+RULE_FAMILY = {"mass": "sait", "value": "sait", "learned": "asvit", "evit": "evit", "tome": "tome",
+               "semantic": "stvit"}
 DEFAULT_LOCATIONS = (3, 6, 9)
 
 # Guard against 196 * 0.7 ** 2 = 96.03999... style rounding turning into an off-by-one.
@@ -73,6 +76,9 @@ class SparsitySpec:
         from block 0 (missing blocks merge none).
       inflect: ``tome`` only, with one ``r``: ToMe's linear schedule from ``r(1 - inflect)`` to
         ``r(1 + inflect)`` over the blocks (-1: the paper's decreasing schedule).
+      semantic_tokens: ``semantic`` only: the number of semantic tokens (a square, the pooling
+        grid). Its ``locations`` are consecutive: generation before the first, one update per
+        further location but the last, and the image tokens leave before the last.
     """
 
     locations: tuple[int, ...] = ()
@@ -87,6 +93,7 @@ class SparsitySpec:
     fuse: bool = True
     merge_r: tuple[int, ...] = ()
     inflect: float = 0.0
+    semantic_tokens: int = 0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -133,6 +140,18 @@ class SparsitySpec:
                 raise SparsityError("inflect applies to a single r (ToMe's (r, inflect) schedule), not a per-block list")
         elif self.merge_r or self.inflect:
             raise SparsityError(f"merge_r/inflect apply to rule 'tome' only, not {self.rule!r}")
+        if self.rule == "semantic":
+            t = self.semantic_tokens
+            if t < 1 or math.isqrt(t) ** 2 != t:
+                raise SparsityError(f"rule 'semantic' needs a square number of semantic tokens "
+                                    f"(a pooling grid: 4, 9, 16, ...), got {t}")
+            if len(locs) < 2 or any(b != a + 1 for a, b in zip(locs, locs[1:])):
+                raise SparsityError(f"rule 'semantic' needs consecutive locations (generation, updates, "
+                                    f"end of the image tokens), got {locs}; use SparsitySpec.semantic()")
+            if self.mode != "gather":
+                raise SparsityError("rule 'semantic' replaces the patch tokens; it has no 'mask' mode")
+        elif self.semantic_tokens:
+            raise SparsityError(f"semantic_tokens applies to rule 'semantic' only, not {self.rule!r}")
         if self.rule == "evit":
             if not locs or len(self.keep_ratios) != len(locs):
                 raise SparsityError(
@@ -170,7 +189,7 @@ class SparsitySpec:
         """Raise if a pruning location does not exist in a model of ``depth`` blocks."""
         if self.rule == "tome" and len(self.merge_r) > depth:
             raise SparsityError(f"merge_r gives {len(self.merge_r)} blocks but the model has {depth}")
-        if self.rule in IN_BLOCK_RULES:
+        if self.rule in IN_BLOCK_RULES + ("semantic",):
             bad = [l for l in self.locations if l >= depth]
             if bad:
                 raise SparsityError(f"reduction blocks {bad} do not exist in a {depth}-block model "
@@ -233,6 +252,20 @@ class SparsitySpec:
         """ToMe: merge ``r`` tokens in every block (an int), or ``r[i]`` in block ``i`` (a list)."""
         merge_r = (r,) if isinstance(r, int) else tuple(r)
         return cls(rule="tome", merge_r=merge_r, inflect=inflect)
+
+    @classmethod
+    def semantic(cls, tokens: int = 16, location: int = 4, update_layers: int = 1) -> "SparsitySpec":
+        """STViT: ``tokens`` semantic tokens generated before block ``location``, refined by
+        ``update_layers`` more blocks that also read the image tokens; the rest run on them alone."""
+        if update_layers < 0:
+            raise SparsityError(f"update_layers={update_layers} must be >= 0")
+        return cls(locations=tuple(range(location, location + update_layers + 2)), rule="semantic",
+                   semantic_tokens=tokens)
+
+    @property
+    def update_layers(self) -> int:
+        """``semantic`` only: blocks after the generation block that still read the image tokens."""
+        return len(self.locations) - 2 if self.rule == "semantic" else 0
 
     def needs_family(self) -> str:
         """``"needs create_model('sait_...')"``-style advice for a model that cannot run this rule."""
@@ -317,6 +350,9 @@ class SparsitySpec:
         if self.rule == "tome":
             inflect = f",inflect={self.inflect:g}" if self.inflect else ""
             return f"tome:{'/'.join(map(str, self.merge_r))}{inflect}"
+        if self.rule == "semantic":
+            update = f",update={self.update_layers}" if self.update_layers != 1 else ""
+            return f"semantic:{self.semantic_tokens}@{self.locations[0]}{update}"
         if self.rule in ("topk", "evit"):
             rates = self.keep_ratios
             if self.rule == "evit" and len(set(rates)) == 1:
@@ -338,7 +374,9 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     ``mass:0.9@3``; ``value:1.0[0.1-0.9]@3`` (optional ``[min_keep-max_keep]`` clamp);
     ``learned:1.0@4/7/10`` (AS-ViT's learned thresholds, scaled);
     ``evit:0.7@3/6/9`` (EViT keep rate inside those blocks; ``,fuse=0`` drops instead of fusing);
-    ``tome:13`` (ToMe, r per block; ``tome:16/16/12/8``, ``tome:13,inflect=-1``). Options
+    ``tome:13`` (ToMe, r per block; ``tome:16/16/12/8``, ``tome:13,inflect=-1``);
+    ``semantic:16@4`` (STViT: 16 semantic tokens from block 4; ``,update=0`` skips the update
+    block). Options
     ``,chunks=4`` (adaptive rules: sorted micro-batches) follow the main part.
     """
     text = text.strip()
@@ -348,15 +386,15 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     if not sep or rule not in KEEP_RULES:
         raise SparsityError(f"cannot parse density {text!r}: expected 'dense', 'topk:0.7', "
                             "'topk:0.7/0.49/0.343@3/6/9', 'mass:0.9@3', 'value:1.0@3', "
-                            "'learned:1.0@4/7/10', 'evit:0.7@3/6/9' or 'tome:13'")
+                            "'learned:1.0@4/7/10', 'evit:0.7@3/6/9', 'tome:13' or 'semantic:16@4'")
     main, *option_texts = rest.split(",")
     param, _, locs_text = main.partition("@")
     try:
         options = {}
         for opt in option_texts:
             key, eq, value = opt.partition("=")
-            if not eq or key.strip() not in ("chunks", "fuse", "inflect"):
-                raise ValueError(f"unknown option {opt!r} (options: chunks=N, fuse=0/1, inflect=X)")
+            if not eq or key.strip() not in ("chunks", "fuse", "inflect", "update"):
+                raise ValueError(f"unknown option {opt!r} (options: chunks=N, fuse=0/1, inflect=X, update=N)")
             options[key.strip()] = float(value)
         locs = tuple(int(l) for l in locs_text.split("/")) if locs_text else tuple(locations)
         clamp = (0.0, 1.0)
@@ -369,7 +407,11 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     extra = {}
     if "chunks" in options:
         extra["chunks"] = int(options.pop("chunks"))
-    if rule == "tome":
+    if rule == "semantic":
+        if len(values) != 1 or values[0] != int(values[0]) or len(locs) != 1 or not locs_text:
+            raise SparsityError(f"density {text!r}: write semantic:<tokens>@<block>, e.g. semantic:16@4")
+        spec = SparsitySpec.semantic(int(values[0]), locs[0], int(options.pop("update", 1)))
+    elif rule == "tome":
         if any(v != int(v) for v in values):
             raise SparsityError(f"density {text!r}: ToMe's r must be whole token counts")
         r = [int(v) for v in values]

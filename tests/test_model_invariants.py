@@ -25,13 +25,13 @@ TEST_MODELS = saitjax.list_models(tag="test")
 
 # A reducing spec per method family (the test models have 4 blocks and 64 patches).
 REDUCING = {"sait": "mass:0.7@1/2", "asvit": None, "dynamicvit": None, "evit": None, "tome": None,
-            "": "topk:0.5@1/2"}
+            "stvit": None, "": "topk:0.5@1/2"}
 HAS_MASK_MODE = ("sait", "asvit", "dynamicvit", "")
 
 
 def _family(name: str) -> str:
     tags = saitjax.model_entry(name).tags
-    return next((t for t in ("sait", "asvit", "dynamicvit", "evit", "tome") if t in tags), "")
+    return next((t for t in ("sait", "asvit", "dynamicvit", "evit", "tome", "stvit") if t in tags), "")
 
 
 def _reducing_spec(model, name: str) -> SparsitySpec:
@@ -65,7 +65,7 @@ def built():
 def test_dense_setting_is_bit_identical_to_plain_deit(built, name):
     model, params, images = built(name)
     dense = saitjax.create_model("vit_test_distilled_patch4_32" if model.distilled else "vit_test_patch4_32")
-    backbone = {k: v for k, v in params.items() if not k.startswith(("predictor", "score_predictor"))}
+    backbone = {k: v for k, v in params.items() if not k.startswith(("predictor", "score_predictor", "semantic_init"))}
     expected = jax.jit(lambda p, x: dense.apply({"params": p}, x)[0])(backbone, images)
     for spec in (SparsitySpec.dense(), parse_density({"evit": "evit:1@1", "tome": "tome:0"}.get(_family(name), "dense"))):
         got = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[0])(params, images)
@@ -86,7 +86,7 @@ def test_every_patch_is_in_one_live_token_or_discarded(built, name):
     for b in range(4):
         holders, counts = np.unique(source[b][live[b]], return_counts=True)
         np.testing.assert_allclose(size[b, holders], counts)
-    if _family(name) in ("tome", "evit"):  # merging and fusing discard nothing
+    if _family(name) in ("tome", "evit", "stvit"):  # merging, fusing and clustering discard nothing
         assert live.all()
         np.testing.assert_allclose(size[:, p:].sum(-1), model.num_patches)
     if not spec.is_adaptive:  # fixed counts: the static schedule is what ran

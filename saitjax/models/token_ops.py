@@ -318,3 +318,28 @@ def merge_weighted(x: Array, size: Array, plan: MergePlan, kept_old: Array) -> t
     new_size = batched_gather(full_s, kept_old)
     new_x = batched_gather(full_x, kept_old) / new_size[..., None]
     return new_x.astype(x.dtype), new_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Token replacement: semantic tokens (STViT)
+# ----------------------------------------------------------------------------------------------
+
+
+def adaptive_pool_bins(size_in: int, size_out: int) -> tuple[tuple[int, int], ...]:
+    """PyTorch's adaptive-pooling bins ``[floor(i*in/out), ceil((i+1)*in/out))``.
+
+    They overlap when ``out`` does not divide ``in`` (14 -> 4: [0,4), [3,7), [7,11), [10,14)),
+    which ``jax.image.resize`` or a strided pool would not reproduce.
+    """
+    if not 0 < size_out <= size_in:
+        raise ValueError(f"cannot pool {size_in} positions into {size_out} bins (need 0 < out <= in)")
+    return tuple(((i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)) for i in range(size_out))
+
+
+def adaptive_max_pool(grid: Array, out_h: int, out_w: int) -> Array:
+    """``F.adaptive_max_pool2d`` on an NHWC map ``[B, H, W, C] -> [B, out_h, out_w, C]``.
+
+    Static slices, rows then columns (the maximum over a rectangle is separable).
+    """
+    rows = jnp.stack([jnp.max(grid[:, a:b], axis=1) for a, b in adaptive_pool_bins(grid.shape[1], out_h)], axis=1)
+    return jnp.stack([jnp.max(rows[:, :, a:b], axis=2) for a, b in adaptive_pool_bins(grid.shape[2], out_w)], axis=2)

@@ -57,6 +57,11 @@ class TokenState(struct.PyTreeNode):
     patch_index: Array
     size: Array
     source: Array
+    # Tokens the current ones attend to as extra keys/values without being updated themselves
+    # (STViT's image tokens while semantic tokens are generated), and the head-mean attention of
+    # the current tokens to them in the last block that had a context ``[B, N, M]``.
+    context: Array | None = None
+    context_attn: Array | None = None
 
     @classmethod
     def initial(cls, x: Array, num_prefix: int) -> "TokenState":
@@ -70,7 +75,7 @@ class TokenState(struct.PyTreeNode):
         return TokenState(token_ops.select_tokens(self.x, idx, num_prefix), keep,
                           token_ops.batched_gather(self.patch_index, idx),
                           token_ops.select_tokens(self.size, idx, num_prefix),
-                          token_ops.relabel_source(self.source, old_to_new))
+                          token_ops.relabel_source(self.source, old_to_new), self.context)
 
 
 class DropPath(nn.Module):
@@ -103,6 +108,30 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
+class QKVProjection(nn.Module):
+    """The fused ``qkv`` Linear (timm's layout: kernel ``[C, 3C]``), computable in parts.
+
+    Self-attention projects every token to q, k and v at once. Cross-attention to a context
+    (STViT's semantic tokens reading the image tokens) needs queries only for the current tokens
+    and keys/values for all of them: ``part="q"`` / ``"kv"`` multiply by that slice of the one
+    kernel, so a dense checkpoint serves both and no unused projection is computed.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, part: str = "qkv") -> Array:
+        c = self.features
+        kernel = self.param("kernel", _dense_init, (x.shape[-1], 3 * c))
+        bias = self.param("bias", nn.initializers.zeros, (3 * c,)) if self.use_bias else None
+        cols = {"qkv": slice(None), "q": slice(0, c), "kv": slice(c, 3 * c)}[part]
+        x, kernel = x.astype(self.dtype), kernel[:, cols].astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias[cols].astype(self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose pruned keys (``keep == 0``) are invisible to others.
 
@@ -110,6 +139,10 @@ class Attention(nn.Module):
     attention, per head) and ``keys [B, N, d]`` (keys averaged over heads: ToMe's similarity
     metric). XLA drops whichever the caller does not use. ``log_size [B, N]`` adds ToMe's
     proportional-attention bias ``log(size_j)`` to the logits of key ``j``.
+
+    With a ``context [B, M, C]`` (already normalised) the current tokens attend to themselves and
+    to the context (keys/values of ``[x; context]``, queries of ``x`` only), and ``context_attn
+    [B, N, M]`` (head-mean attention to the context) is returned as well.
     """
 
     num_heads: int
@@ -118,24 +151,36 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, keep: Array | None,
-                 log_size: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    def __call__(self, x: Array, keep: Array | None, log_size: Array | None = None,
+                 context: Array | None = None) -> tuple[Array, dict[str, Array]]:
         b, n, c = x.shape
         h = self.num_heads
-        qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init,
-                       name="qkv")(x)
-        q, k, v = qkv.reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # each [B, H, N, d]
+        qkv = QKVProjection(c, self.qkv_bias, self.dtype, name="qkv")
+        if context is None:
+            q, k, v = qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # each [B, H, N, d]
+        else:
+            m = context.shape[1]
+            q = qkv(x, "q").reshape(b, n, h, c // h).transpose(0, 2, 1, 3)
+            k, v = qkv(jnp.concatenate([x, context], axis=1), "kv").reshape(
+                b, n + m, 2, h, c // h).transpose(2, 0, 3, 1, 4)
+            if keep is not None:
+                keep = jnp.concatenate([keep, jnp.ones((b, m), keep.dtype)], axis=1)
+            if log_size is not None:
+                log_size = jnp.concatenate([log_size, jnp.zeros((b, m), log_size.dtype)], axis=1)
         logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
         if log_size is not None:
             logits = logits.astype(jnp.float32) + log_size[:, None, None, :]
-        attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N]
+        attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N (+ M)]
         heads = attn.astype(v.dtype) @ v  # [B, H, N, d]
         out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
             heads.transpose(0, 2, 1, 3).reshape(b, n, c))
-        cls_attn = attn[:, :, 0, :]
+        cls_attn = attn[:, :, 0, :n]
         if self.head_weighting == "importance":
             cls_attn = cls_attn * token_ops.head_importance(heads)
-        return out, {"cls_attn": cls_attn, "keys": jnp.mean(k, axis=1)}
+        info = {"cls_attn": cls_attn, "keys": jnp.mean(k[:, :, :n], axis=1)}
+        if context is not None:
+            info["context_attn"] = jnp.mean(attn[:, :, :, n:], axis=1)
+        return out, info
 
 
 class Mlp(nn.Module):
@@ -177,9 +222,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(self.drop_path_rate)
         self.dropout = nn.Dropout(self.drop_rate)
 
-    def attend(self, x: Array, keep: Array | None, train: bool,
-               log_size: Array | None = None) -> tuple[Array, dict[str, Array]]:
-        y, info = self.attn(self.norm1(x), keep, log_size)
+    def attend(self, x: Array, keep: Array | None, train: bool, log_size: Array | None = None,
+               context: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """``x + Attn(LN(x))``; with a ``context``, the keys/values also include ``LN(context)``."""
+        y, info = self.attn(self.norm1(x), keep, log_size, None if context is None else self.norm1(context))
         y = self.dropout(y, deterministic=not train)
         return x + self.drop_path(y, train), info
 
@@ -258,6 +304,11 @@ class VisionTransformer(nn.Module):
             n = self.in_block_tokens(i, attn, spec) - p
             out.append((attn, n + p))
         return tuple(out)
+
+    def block_context_tokens(self, spec: SparsitySpec | None = None) -> tuple[int, ...]:
+        """Extra key/value tokens each block's attention reads beyond its own (STViT's image
+        tokens while semantic tokens are generated); none here."""
+        return (0,) * self.depth
 
     def in_block_tokens(self, block: int, tokens: int, spec: SparsitySpec) -> int:
         """Tokens after block ``block``'s in-block reduction when ``tokens`` entered it (none here)."""
@@ -352,8 +403,10 @@ class VisionTransformer(nn.Module):
                 state, stage_aux = self.select_tokens(stages[i], state, cls_attn, spec, train)
                 append_stage_aux(aux, stage_aux)
             log_size = jnp.log(state.size) if self.prop_attn else None
-            x, info = self.blocks[i].attend(state.x, state.keep, train, log_size)
+            x, info = self.blocks[i].attend(state.x, state.keep, train, log_size, state.context)
             state, cls_attn = state.replace(x=x), info["cls_attn"]
+            if state.context is not None:
+                state = state.replace(context_attn=info["context_attn"])
             if spec.in_block and not spec.is_dense:
                 state, stage_aux = self.reduce_in_block(i, state, info, spec, train)
                 if stage_aux:
