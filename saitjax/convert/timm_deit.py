@@ -49,6 +49,13 @@ def strip_wrappers(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return dict(state_dict)
 
 
+def _key_map(model: nn.Module, keys: list[str]) -> Mapping[str, str]:
+    """Per-key renames a model class needs before the regex renames (``checkpoint_key_map``):
+    layout changes a regex cannot express, e.g. moving Swin's PatchMerging to the next stage."""
+    hook = getattr(type(model), "checkpoint_key_map", None)
+    return hook(keys) if hook is not None else {}
+
+
 def _renames(model: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple(getattr(type(model), "checkpoint_renames", ())) + BASE_RENAMES
 
@@ -94,11 +101,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
     expected = expected_param_shapes(model)
     converted: dict[tuple[str, ...], np.ndarray] = {}
     unknown, mismatched = [], []
-    for key, value in strip_wrappers(state_dict).items():
+    state_dict = strip_wrappers(state_dict)
+    key_map = _key_map(model, list(state_dict))
+    for key, value in state_dict.items():
         if IGNORED_KEYS.search(key):
             continue
         value = np.asarray(value)
-        name = key
+        name = key_map.get(key, key)
         for pattern, repl in _renames(model):
             name = re.sub(pattern, repl, name)
         *parent, leaf = name.split(".")
@@ -135,10 +144,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
 
 
 def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
-    """Name of a registered DeiT whose backbone shapes match ``state_dict``, if any."""
+    """Name of a registered DeiT (or Swin) whose backbone shapes match ``state_dict``, if any."""
     from saitjax.models.deit import DEIT_SIZES
 
     sd = strip_wrappers(state_dict)
+    if "cls_token" not in sd and "patch_embed.proj.weight" in sd:
+        from saitjax.models.swin import guess_swin_name
+
+        return guess_swin_name(sd)
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         return None
     width = int(np.shape(sd["cls_token"])[-1])
