@@ -17,35 +17,40 @@ import jax
 from saitjax.sparsity import SparsitySpec
 
 
-def block_macs(tokens: Any, dim: int, mlp_ratio: float = 4.0, mlp_tokens: Any = None) -> Any:
+def block_macs(tokens: Any, dim: int, mlp_ratio: float = 4.0, mlp_tokens: Any = None,
+               context_tokens: Any = 0) -> Any:
     """MACs of one pre-norm transformer block (CLS included in the counts).
 
     ``tokens`` enter the attention (qkv, QK^T, AV, output projection); ``mlp_tokens`` (default:
     the same) reach the MLP: fewer when a method reduces tokens inside the block (EViT, ToMe).
-    Counts may be arrays (per image).
+    ``context_tokens`` are extra keys/values the tokens attend to without being queried (STViT's
+    image tokens): their k/v projections and the tokens' attention to them. Counts may be arrays.
     """
     mlp_tokens = tokens if mlp_tokens is None else mlp_tokens
-    return 4 * tokens * dim ** 2 + 2 * tokens ** 2 * dim + 2 * mlp_ratio * mlp_tokens * dim ** 2
+    keys = tokens + context_tokens
+    return (2 * tokens + 2 * keys) * dim ** 2 + 2 * tokens * keys * dim + 2 * mlp_ratio * mlp_tokens * dim ** 2
 
 
 def vit_macs(tokens_per_block: Sequence[Any], *, dim: int, patch_size: int, num_patches: int,
              in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float = 4.0,
-             num_heads_out: int = 1) -> Any:
+             num_heads_out: int = 1, context_per_block: Sequence[int] | None = None) -> Any:
     """MACs of a ViT whose block ``i`` processes ``tokens_per_block[i]`` tokens: a count, or an
-    ``(attention tokens, MLP tokens)`` pair."""
+    ``(attention tokens, MLP tokens)`` pair; ``context_per_block[i]`` extra keys/values."""
     patch = num_patches * dim * in_chans * patch_size ** 2
     blocks = 0
-    for n in tokens_per_block:
+    context_per_block = context_per_block or (0,) * len(tokens_per_block)
+    for n, context in zip(tokens_per_block, context_per_block):
         attn, mlp = n if isinstance(n, tuple) else (n, n)
-        blocks = blocks + block_macs(attn, dim, mlp_ratio, mlp)
+        blocks = blocks + block_macs(attn, dim, mlp_ratio, mlp, context)
     return patch + blocks + num_heads_out * dim * num_classes
 
 
-def _model_macs(model: Any, schedule: Sequence[Any]) -> Any:
+def _model_macs(model: Any, schedule: Sequence[Any], spec: SparsitySpec | None = None) -> Any:
+    context = model.block_context_tokens(spec) if hasattr(model, "block_context_tokens") else None
     return vit_macs(schedule, dim=model.embed_dim, patch_size=model.patch_size,
                     num_patches=model.num_patches, in_chans=model.in_chans,
                     num_classes=model.num_classes, mlp_ratio=model.mlp_ratio,
-                    num_heads_out=2 if model.distilled else 1)
+                    num_heads_out=2 if model.distilled else 1, context_per_block=context)
 
 
 def analytic_gmacs(model: Any, spec: SparsitySpec | None = None,
@@ -59,7 +64,7 @@ def analytic_gmacs(model: Any, spec: SparsitySpec | None = None,
     if hasattr(model, "analytic_macs"):  # a model that counts itself (Swin: windows, patch merging)
         return float(model.analytic_macs(spec)) / 1e9
     schedule = tokens_per_block if tokens_per_block is not None else model.block_token_counts(spec)
-    return float(_model_macs(model, schedule) + _extra_macs(model, spec)) / 1e9
+    return float(_model_macs(model, schedule, spec) + _extra_macs(model, spec)) / 1e9
 
 
 def per_image_gmacs(model: Any, spec: SparsitySpec, stage_counts: Sequence[Any]) -> Any:
@@ -68,7 +73,7 @@ def per_image_gmacs(model: Any, spec: SparsitySpec, stage_counts: Sequence[Any])
     For adaptive rules: pass the kept counts for the ideal cost of each image, or the capacity
     each image ran in for the executed cost. Works on NumPy and JAX arrays (inside jit too).
     """
-    return (_model_macs(model, model.block_token_counts(spec, stage_counts)) + _extra_macs(model, spec)) / 1e9
+    return (_model_macs(model, model.block_token_counts(spec, stage_counts), spec) + _extra_macs(model, spec)) / 1e9
 
 
 def _extra_macs(model: Any, spec: SparsitySpec | None) -> float:
