@@ -29,7 +29,8 @@ import optax
 
 DECAYS = ("cosine", "linear", "constant")
 DEFAULT_NO_WEIGHT_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)(cls_token|dist_token|pos_embed)$",
-                           r"(^|/)keep_threshold$")
+                           r"(^|/)keep_threshold$", r"(^|/)semantic_init/embedding$",
+                           r"(^|/)relative_position_bias_table$")
 
 
 def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

@@ -44,6 +44,21 @@ from saitjax.sparsity import SparsityError, SparsitySpec
 Array = jax.Array
 
 
+class GlobalInit(nn.Module):
+    """The learned global initialisation ``G [1, T, C]`` (zeros at init).
+
+    Its own submodule so that it is created only when the semantic path runs: the dense setting
+    (a distillation teacher loaded from a DeiT checkpoint) needs no ``G``.
+    """
+
+    tokens: int
+    dim: int
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("embedding", nn.initializers.zeros, (1, self.tokens, self.dim))
+
+
 class SemanticTokenViT(VisionTransformer):
     """ViT/DeiT whose patch tokens are replaced by ``semantic_tokens`` semantic tokens before
     block ``semantic_location`` (``sparsity="semantic:T@L"`` selects others at inference)."""
@@ -64,8 +79,7 @@ class SemanticTokenViT(VisionTransformer):
             raise ValueError(f"semantic_tokens={self.semantic_tokens} needs a {side}x{side} pooling grid, "
                              f"larger than the {self.grid_size}x{self.grid_size} patch grid")
         if self.global_init:
-            self.semantic_init = self.param("semantic_init", nn.initializers.zeros,
-                                            (1, self.semantic_tokens, self.embed_dim))
+            self.semantic_init = GlobalInit(self.semantic_tokens, self.embed_dim)
 
     def default_sparsity(self) -> SparsitySpec:
         return SparsitySpec.semantic(self.semantic_tokens, self.semantic_location, self.update_layers)
@@ -127,7 +141,7 @@ class SemanticTokenViT(VisionTransformer):
     def _add_global_init(self, state: TokenState, spec: SparsitySpec) -> TokenState:
         if not self.global_init:
             return state
-        g = self.semantic_init
+        g = self.semantic_init()
         if spec.semantic_tokens != self.semantic_tokens:  # another grid at inference: resize G
             side, new = math.isqrt(self.semantic_tokens), math.isqrt(spec.semantic_tokens)
             g = jax.image.resize(g.reshape(side, side, -1), (new, new, g.shape[-1]), "linear").reshape(1, -1, g.shape[-1])
