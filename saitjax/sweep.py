@@ -6,7 +6,8 @@ kept tokens per stage, analytic GMACs at those mean counts, which fraction of ob
 background patches survive (when the data carries object masks), and measured img/s at batch 1
 and at a serving batch (adaptive rules run in capacity buckets, so batch size matters). It writes
 ``sweep.json``, ``sweep.md``, ``pareto.png``, ``kept_tokens.png`` and, for per-image counts,
-``kept_counts.png`` (a histogram of each image's final token count) into ``out_dir``.
+``kept_counts.png`` (a histogram of each image's final token count) into ``out_dir``; for
+semantic tokens (STViT) ``semantic_attention_<T>at<L>.png`` (what each token looked at).
 """
 
 from __future__ import annotations
@@ -53,11 +54,19 @@ def forward_fn(model: Any, spec: SparsitySpec):
         source = aux["source"]
         if masks:
             return logits, masks[-1], source
+        if "semantic_attention" in aux:  # STViT: every patch joined a semantic token
+            return logits, (source >= 0).astype(jnp.float32), source
         # In-block methods (EViT, ToMe): a patch counts as kept while it still has a token of its own.
         own = jnp.take_along_axis(aux["token_size"], jnp.maximum(source, 0), axis=1) == 1
         return logits, ((source >= 0) & own).astype(jnp.float32), source
 
     return jax.jit(forward)
+
+
+def semantic_attention_fn(model: Any, spec: SparsitySpec):
+    """Jitted ``(params, images) -> [B, T, N_p]``: STViT's semantic-token attention to the patches."""
+    return jax.jit(lambda params, images: model.apply({"params": params}, images, sparsity=spec)[1][
+        "semantic_attention"][-1])
 
 
 def measure_img_per_s(fn: Any, params: Any, images: np.ndarray, batch_size: int,
@@ -88,7 +97,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
     ``evaluator``: an existing :class:`Evaluator` of ``model`` whose compiled steps are reused
     for the densities it already evaluates (a trainer's periodic evaluation).
     """
-    from saitjax.viz import plot_count_histograms, plot_kept_tokens, plot_pareto
+    from saitjax.viz import plot_count_histograms, plot_kept_tokens, plot_pareto, plot_semantic_attention
 
     batches = list(eval_batches)
     results = (evaluator or Evaluator(model, []))(params, batches, list(densities))
@@ -122,7 +131,14 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
             row[f"img_per_s_bs{bs}"] = measure_img_per_s(fn, params, images[:timing_images], bs)
         _, keep, source = fn(params, shown)
         masks.append(np.asarray(keep)[:picture_images])
-        sources.append(np.asarray(source)[:picture_images] if spec.in_block else None)
+        sources.append(np.asarray(source)[:picture_images] if spec.in_block or spec.rule == "semantic" else None)
+        if spec.rule == "semantic" and chief:
+            attention = semantic_attention_fn(model, spec)(params, shown[:picture_images])
+            pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+            os.makedirs(out_dir, exist_ok=True)
+            plot_semantic_attention(pixels, np.asarray(attention), sources[-1], os.path.join(
+                out_dir, f"semantic_attention_{spec.semantic_tokens}at{spec.locations[0]}.png"),
+                patch_size=model.patch_size, title=f"what the semantic tokens attend to ({label})")
         rows.append(row)
     dense = next((row for row in rows if row["density"] == "dense"), rows[0])
     for row in rows:

@@ -333,3 +333,40 @@ def plot_kept_tokens(images: np.ndarray, keep_masks: list[np.ndarray], row_label
             if c == 0:
                 ax.set_ylabel(label, fontsize="small")
     return _save(fig, out_png)
+
+
+def plot_semantic_attention(images: np.ndarray, attention: np.ndarray, sources: np.ndarray, out_png: str, *,
+                            patch_size: int, max_images: int = 4, title: str | None = None) -> str:
+    """What each semantic token (STViT) looked at: one row per image, its patches painted by the
+    token they joined, then one heat map per token over the image.
+
+    ``attention [n, T, N_p]`` is ``aux["semantic_attention"][-1]`` (head-mean attention of each
+    semantic token to the image tokens in the last block that read them); ``sources [n, N_p]``
+    is ``aux["source"]``.
+    """
+    images, attention = np.asarray(images), np.asarray(attention, np.float32)
+    if images.ndim != 4 or attention.ndim != 3 or attention.shape[0] < min(len(images), max_images):
+        raise ValueError(f"need images [n, H, W, C] and attention [n, T, N_p], got {images.shape} and {attention.shape}")
+    rows, tokens = min(len(images), max_images), attention.shape[1]
+    height, width = images.shape[1] // patch_size, images.shape[2] // patch_size
+    if attention.shape[2] != height * width:
+        raise ValueError(f"attention covers {attention.shape[2]} patches but the images have {height}x{width}")
+    fig = Figure(figsize=(1.2 * (tokens + 1) + 0.4, 1.3 * rows + 0.4), dpi=100, layout="constrained")
+    for r in range(rows):
+        panels = [(paint_token_groups(images[r], sources[r], patch_size), None, "groups")]
+        for t in range(tokens):
+            heat = attention[r, t].reshape(height, width)
+            panels.append((_as_unit_float(images[r]), np.kron(heat / max(heat.max(), 1e-12),
+                                                              np.ones((patch_size, patch_size))), f"token {t}"))
+        for c, (shown, heat, label) in enumerate(panels):
+            ax = fig.add_subplot(rows, tokens + 1, r * (tokens + 1) + c + 1)
+            ax.imshow(np.clip(shown, 0.0, 1.0) * (0.35 if heat is not None else 1.0), interpolation="nearest")
+            if heat is not None:
+                ax.imshow(heat, cmap="inferno", alpha=0.65, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    return _save(fig, out_png)

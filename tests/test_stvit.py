@@ -179,3 +179,17 @@ def test_timm_deit_converts_into_stvit():
     np.testing.assert_allclose(np.asarray(dense), expected, atol=1e-4, rtol=0)
     semantic, aux = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
     assert np.isfinite(np.asarray(semantic)).all() and aux["tokens"].shape == (1, 17, 192)
+
+
+def test_sweep_draws_semantic_groups_and_attention(tmp_path, tiny):
+    from saitjax.sweep import run_sweep
+
+    model, params, images = tiny
+    batch = {"image": jnp.concatenate([images] * 4), "label": jnp.arange(8) % 10, "valid": jnp.ones(8)}
+    densities = [(d, parse_density(d)) for d in ("dense", "semantic:9@1", "semantic:4@1")]
+    rows = run_sweep(model, params, [batch], densities, str(tmp_path), timing_batch_sizes=(2,), timing_images=4,
+                     picture_images=2)
+    assert [r["kept_tokens"] for r in rows] == [64.0, 9.0, 4.0]
+    assert rows[1]["gmacs"] == pytest.approx(analytic_gmacs(model, densities[1][1]))
+    for name in ("sweep.md", "kept_tokens.png", "semantic_attention_9at1.png", "semantic_attention_4at1.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
