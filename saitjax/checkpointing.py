@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import struct
 
+from saitjax import workdir
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a training step changes. RNGs are derived from (seed, step), not stored."""
@@ -33,9 +35,11 @@ class CheckpointMismatchError(RuntimeError):
 class Checkpointer:
     """A thin, explicit wrapper over ``ocp.CheckpointManager``."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 create: bool = True):
+        # A gs:// URI goes to orbax as it is (TensorStore writes it); abspath would make it local.
+        self.directory = directory if workdir.is_remote(directory) else os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -38,10 +37,14 @@ def main(argv: list[str]) -> int:
     parallel.initialize_distributed(_DISTRIBUTED.value)  # before any other JAX call
     logging.getLogger().setLevel(logging.INFO)
     from saitjax import train
+    from saitjax import workdir as workdir_lib
     from saitjax.checkpointing import CheckpointMismatchError
 
-    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    config = _CONFIG.value
     try:
+        workdir = workdir_lib.resolve(_WORKDIR.value)  # a gs:// URI stays a URI
+        if _MODE.value == "train":
+            workdir_lib.check_writable(workdir)
         if _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, workdir)
         elif _MODE.value == "sweep":

@@ -7,8 +7,15 @@
     progress.update(step, loss=loss, lr=lr)
 
 ``metrics.jsonl`` is the record of truth: one self-contained JSON object per call, flushed at
-once, so a killed run loses nothing already written and a resumed run simply appends. Plots
+once, so a killed run loses nothing already written. A resumed run (``resume_step``) first drops
+the rows after the checkpoint it resumes from, since it is about to write those steps again, so
+the file never holds a step twice; in TensorBoard a ``SessionLog.START`` event at the first
+replayed step makes TensorBoard discard the orphaned events of the killed run. Plots
 (:mod:`saitjax.viz`) and tests read it back with :func:`read_metrics`.
+
+For a remote workdir (``gs://``; :mod:`saitjax.workdir`) both files are written in a local
+staging directory and copied up whole by :meth:`MetricWriter.flush` (the trainer flushes at
+every checkpoint) and at close: object stores cannot append.
 
 TensorBoard events are written with the ``tensorboard`` package's protos and its pure-Python
 record framing, deliberately *not* through ``EventFileWriter``: that class goes through
@@ -23,10 +30,14 @@ import itertools
 import json
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping
+
+from saitjax import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -79,6 +90,11 @@ class _EventFile:
             for tag, value in values.items()])
         self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
+    def session_start(self, step: int) -> None:
+        """Tell TensorBoard a run (re)starts at ``step``: it drops older files' events at >= step."""
+        log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, session_log=log))
+
     def text(self, step: int, tag: str, text: str) -> None:
         tensor = self._tensor_pb2.TensorProto(
             dtype=self._types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
@@ -100,31 +116,47 @@ class MetricWriter:
 
     Only the chief process writes (pass ``is_chief=jax.process_index() == 0``); on the others
     every method is a no-op, so the training loop needs no ``if`` around its logging calls.
-    Usable as a context manager, which closes it.
+    ``resume_step``: the step of the checkpoint a resumed run restarts from; rows after it are
+    dropped (they are about to be written again). Usable as a context manager, which closes it.
     """
 
-    def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, is_chief: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.workdir = workdir
         self.is_chief = bool(is_chief)
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = workdir_lib.join(workdir, METRICS_FILE)
+        self._stage: str | None = None  # local copy of a remote workdir's files
+        self.local_path = self.path
         self._jsonl = None
         self._events: _EventFile | None = None
         self._closed = False
         if not self.is_chief:
             return
-        os.makedirs(workdir, exist_ok=True)
+        if workdir_lib.is_remote(workdir):
+            self._stage = tempfile.mkdtemp(prefix="saitjax_metrics_")
+            self.local_path = os.path.join(self._stage, METRICS_FILE)
+            from etils import epath
+
+            if epath.Path(self.path).exists():
+                epath.Path(self.path).copy(self.local_path)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None:
+            drop_rows_after(self.local_path, resume_step)
         # A run killed mid-write can leave a final line without its newline; start on a fresh
         # line so that our first record is not glued onto (and lost with) that fragment.
         needs_newline = False
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, "rb") as f:
+        if os.path.exists(self.local_path) and os.path.getsize(self.local_path) > 0:
+            with open(self.local_path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 needs_newline = f.read(1) != b"\n"
-        self._jsonl = open(self.path, "a", buffering=1, encoding="utf-8")
+        self._jsonl = open(self.local_path, "a", buffering=1, encoding="utf-8")
         if needs_newline:
             self._jsonl.write("\n")
         if tensorboard:
-            self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
+            self._events = _EventFile(os.path.join(self._stage or workdir, TENSORBOARD_DIR))
+            if resume_step is not None:
+                self._events.session_start(resume_step + 1)
 
     @property
     def tensorboard_path(self) -> str | None:
@@ -158,13 +190,19 @@ class MetricWriter:
         self._events.flush()
 
     def flush(self) -> None:
-        """Push everything written so far to disk (survives a machine crash, not only a kill)."""
+        """Push everything written so far to disk (survives a machine crash, not only a kill);
+        for a remote workdir, copy both files up."""
         if not self._active():
             return
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
         if self._events is not None:
             self._events.flush()
+        if self._stage is not None:
+            workdir_lib.upload(self.local_path, self.path)
+            if self._events is not None:
+                name = os.path.basename(self._events.path)
+                workdir_lib.upload(self._events.path, workdir_lib.join(self.workdir, TENSORBOARD_DIR, name))
 
     def close(self) -> None:
         """Flush and close the files; closing twice is harmless, writing afterwards is an error."""
@@ -175,6 +213,8 @@ class MetricWriter:
             self._jsonl.close()
             if self._events is not None:
                 self._events.close()
+            if self._stage is not None:
+                shutil.rmtree(self._stage, ignore_errors=True)
         self._closed = True
 
     def __enter__(self) -> "MetricWriter":
@@ -182,6 +222,30 @@ class MetricWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of ``path`` (a local ``metrics.jsonl``) whose step is after ``step``, and
+    any unreadable fragment; returns how many went. Replaced atomically, only if needed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(workdir_or_path: str, *, decode_nonfinite: bool = True) -> list[dict]:

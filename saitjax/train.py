@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from flax import traverse_util
 
 from saitjax import config as config_lib
 from saitjax import parallel
+from saitjax import workdir as workdir_lib
 from saitjax.checkpointing import Checkpointer, TrainState, abstract_like, check_meta_compatible
 from saitjax.convert import load_params, save_params
 from saitjax.data.mixing import mixup_cutmix
@@ -156,15 +156,29 @@ class _StopSignal:
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> None:
-    path = os.path.join(workdir, "config.json")
+    from etils import epath
+
+    path = epath.Path(workdir_lib.join(workdir, "config.json"))
     text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return
-        path = os.path.join(workdir, f"config.resumed_step{start_step}.json")  # never overwrite
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    if path.exists():
+        if path.read_text(encoding="utf-8") == text:
+            return
+        path = epath.Path(workdir_lib.join(workdir, f"config.resumed_step{start_step}.json"))  # never overwrite
+    path.write_text(text, encoding="utf-8")
+
+
+def _check_input_files(config: ml_collections.ConfigDict, resuming: bool) -> None:
+    """A missing ``config.init`` / teacher file is refused before the workdir is touched."""
+    from etils import epath
+
+    needed = [("config.init", config.init)] if config.init and not resuming else []
+    if config.teacher and config.teacher != "init":
+        needed.append(("config.teacher", config.teacher))
+    elif config.teacher == "init":
+        needed.append(("config.init (the teacher)", config.init))
+    for field, path in needed:
+        if not epath.Path(path).is_file():
+            raise FileNotFoundError(f"{field}={path!r}: no such file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +191,9 @@ class Run:
     eval`` restores exactly what training saved)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, *, train: bool = False):
+        """``train``: this run will write to the workdir (checkpoints); otherwise it only reads
+        it and creates nothing (``--mode eval``)."""
         config_lib.validate(config)
         self.config, self.workdir = config, workdir
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -192,13 +208,6 @@ class Run:
             raise ValueError(f"invalid config: the dataset has {data.num_classes} classes but the model "
                              f"has num_classes={model.num_classes}; set model_kwargs.num_classes")
         self.data = data
-        # Only now, with the config and data known good, touch the workdir.
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.checkpoint.max_to_keep,
-                                 async_save=config.checkpoint.async_save)
-        self.latest = self.ckpt.latest_step()
-        if self.latest is not None:
-            check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
         self.total_steps, warmup, steps_per_epoch = durations(config, data.num_train_examples)
         self.method.bind_schedule(self.total_steps, steps_per_epoch)
         self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
@@ -210,6 +219,23 @@ class Run:
         # One evaluator per run: its jitted step (one compilation per density) is reused by
         # every periodic evaluation instead of being traced and compiled again each time.
         self.evaluator = Evaluator(model, self.method.eval_densities())
+        # Only now, with the config and data known good, look at the workdir; a training run
+        # creates it, an evaluation never does.
+        self.ckpt = Checkpointer(workdir_lib.join(workdir, "checkpoints"),
+                                 max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save, create=train)
+        self.latest = self.ckpt.latest_step()
+        try:
+            if self.latest is not None:
+                check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
+            _check_input_files(config, resuming=self.latest is not None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Wait for pending checkpoint writes, then let go of the workdir."""
+        self.ckpt.close()
 
     def init_state(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
@@ -264,12 +290,13 @@ class Run:
         from saitjax.sweep import run_sweep, sweep_table
 
         config = self.config
-        out_dir = os.path.join(self.workdir, f"sweep_step{step}")
-        rows = run_sweep(self.model, params, self.data.eval_batches(), self.method.eval_densities(config.eval.sweep),
-                         out_dir, mean=config.data.mean, std=config.data.std,
-                         timing_batch_sizes=tuple(config.eval.sweep_batch_sizes),
-                         title=f"{config.model}: one checkpoint (step {step}), every density",
-                         evaluator=self.evaluator)
+        out_dir = workdir_lib.join(self.workdir, f"sweep_step{step}")
+        with workdir_lib.local_dir(out_dir) as local:
+            rows = run_sweep(self.model, params, self.data.eval_batches(),
+                             self.method.eval_densities(config.eval.sweep), local, mean=config.data.mean,
+                             std=config.data.std, timing_batch_sizes=tuple(config.eval.sweep_batch_sizes),
+                             title=f"{config.model}: one checkpoint (step {step}), every density",
+                             evaluator=self.evaluator)
         logging.info("density sweep written to %s:\n%s", out_dir,
                      sweep_table(rows, tuple(config.eval.sweep_batch_sizes)))
         return rows
@@ -281,6 +308,7 @@ def _latest(config: ml_collections.ConfigDict, workdir: str, data: Any | None,
     or of ``config.init`` when the workdir has none (off-the-shelf use, e.g. ToMe on DeiT weights)."""
     run = Run(config, workdir, data, mesh)
     if run.latest is None and not config.init:
+        run.close()
         raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory} to {purpose} and no config.init; "
                                 "train first, or give config.init to evaluate pretrained weights as they are")
     return run, run.restore_or_init()
@@ -293,18 +321,20 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
         raise ValueError("config.eval.sweep is empty: give the densities to sweep, e.g. "
                          "--config.eval.sweep='(\"dense\", \"mass:0.9\")'")
     run, state = _latest(config, workdir, data, mesh, "sweep")
-    rows = run.sweep(state.params, run.latest or 0)
-    run.ckpt.close()
-    return rows
+    try:
+        return run.sweep(state.params, run.latest or 0)
+    finally:
+        run.close()
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any | None = None,
                         mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """``--mode eval``: evaluate the workdir's latest checkpoint at every configured density."""
     run, state = _latest(config, workdir, data, mesh, "evaluate")
-    results = run.evaluate(state.params, run.latest or 0)
-    run.ckpt.close()
-    return results
+    try:
+        return run.evaluate(state.params, run.latest or 0)
+    finally:
+        run.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data: Any | None = None,
@@ -316,7 +346,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
     ``train_batches(start_step)`` and ``eval_batches()``, all yielding global batches); tests use
     it. ``max_steps`` stops early (tests of interruption), as a kill would.
     """
-    run = Run(config, workdir, data, mesh)
+    run = Run(config, workdir, data, mesh, train=True)
+    try:
+        return _train(run, max_steps)
+    finally:
+        run.close()
+
+
+def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
+    config, workdir = run.config, run.workdir
     method, ckpt, data = run.method, run.ckpt, run.data
     total_steps, meta = run.total_steps, run.meta
     chief = jax.process_index() == 0
@@ -325,12 +363,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
 
     start_step = int(jax.device_get(state.step))
     if chief:
-        os.makedirs(workdir, exist_ok=True)
+        workdir_lib.makedirs(workdir)
         _write_config(workdir, config, start_step)
         logging.info("optimizer param groups:\n%s", param_groups_summary(run.opt_config, run.params_shape))
 
     step_fn = run.jitted_train_step()
-    writer = MetricWriter(workdir, is_chief=chief)
+    writer = MetricWriter(workdir, is_chief=chief, resume_step=start_step if start_step > 0 else None)
     progress = Progress(total_steps, config.batch_size, start_step=start_step)
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -376,6 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
                 check_and_log(step)  # never save a state whose loss was not checked finite
                 with progress.paused():
                     ckpt.save(step, state, meta)
+                    writer.flush()  # a remote workdir gets its metrics copied up here
             if step % config.eval.every_steps == 0 and step != total_steps:
                 results = evaluate(step)
             if stop.received:
@@ -384,19 +423,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data:
     if step == total_steps and not stop.received:
         results = evaluate(step)
         if chief:
-            export = os.path.join(workdir, "export", f"params_step{step}.npz")
-            if not os.path.exists(export):
-                save_params(export, jax.device_get(state.params), model=config.model,
-                            method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
+            from etils import epath
+
+            export = workdir_lib.join(workdir, "export", f"params_step{step}.npz")
+            if not epath.Path(export).exists():
+                with workdir_lib.local_file(export) as local:
+                    save_params(local, jax.device_get(state.params), model=config.model,
+                                method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
             if config.plot:
                 from saitjax.viz import plot_training_curves
 
-                plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
-                                     os.path.join(workdir, "training_curves.png"),
-                                     title=f"{config.model} ({config.method})")
+                with workdir_lib.local_file(workdir_lib.join(workdir, "training_curves.png")) as local:
+                    plot_training_curves(writer.local_path, local, title=f"{config.model} ({config.method})")
         if config.eval.sweep:
             with progress.paused():
                 run.sweep(state.params, step)
     writer.close()
-    ckpt.close()
     return {"step": step, "eval": results, "state": state}
