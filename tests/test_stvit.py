@@ -193,3 +193,15 @@ def test_sweep_draws_semantic_groups_and_attention(tmp_path, tiny):
     assert rows[1]["gmacs"] == pytest.approx(analytic_gmacs(model, densities[1][1]))
     for name in ("sweep.md", "kept_tokens.png", "semantic_attention_9at1.png", "semantic_attention_4at1.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize("name, arg", [("stvit_demo", "init=dense.npz"), ("stvit_deit_imagenet", "model=base,init=deit_b.npz"),
+                                       ("stvit_deit_imagenet", "model=tiny,tokens=9")])
+def test_configs_build_and_validate(name, arg):
+    from train_fixtures import load_config
+
+    config = load_config(name, arg)
+    assert config.model.startswith("stvit_") and config.method == "supervised"
+    assert (config.teacher == "init") == ("init=" in arg)
+    spec = parse_density(config.eval.densities[2])
+    assert spec.rule == "semantic" and spec.semantic_tokens == config.model_kwargs.semantic_tokens
