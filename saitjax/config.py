@@ -186,12 +186,10 @@ def _numbers(value: Any, path: str) -> Iterator[tuple[str, Any]]:
 def _check_optim(o: ml_collections.ConfigDict) -> None:
     """Optimiser fields: an unset field (None) takes its rule; a set one must be in range."""
     if o.lr is not None:
-        _require(o.lr > 0, f"optim.lr={o.lr!r} must be > 0 (leave it unset, None, to use "
-                           "optim.lr_per_512 * batch_size / 512)")
+        _require(o.lr > 0, f"optim.lr={o.lr!r} must be > 0")
     _require(o.lr_per_512 > 0, f"optim.lr_per_512={o.lr_per_512!r} must be > 0")
     _require(o.min_lr >= 0, f"optim.min_lr={o.min_lr!r} must be >= 0")
-    _require(o.warmup_steps is None or o.warmup_steps >= 0,
-             f"optim.warmup_steps={o.warmup_steps!r} must be >= 0 (leave it unset to use optim.warmup_epochs)")
+    _require(o.warmup_steps is None or o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps!r} must be >= 0")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs!r} must be >= 0")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay!r} must be >= 0")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must lie in [0, 1)")
@@ -218,11 +216,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.method in METHODS, f"method={c.method!r} is unknown; choose one of {sorted(METHODS)}")
     _require(c.data.image_size == model.img_size,
              f"data.image_size={c.data.image_size} but {c.model} takes {model.img_size} px; set "
-             f"model_kwargs.img_size={c.data.image_size} to interpolate position embeddings")
+             f"data.image_size={model.img_size}, or model_kwargs.img_size={c.data.image_size} to run the "
+             "model at that size (pretrained position embeddings are interpolated)")
     _require(bool(c.data.name), "data.name is empty: a TFDS name or imagefolder:/path")
     _require(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
     if c.train_steps is not None:
-        _require(c.train_steps > 0, f"train_steps={c.train_steps} must be > 0 (leave it unset to use train_epochs)")
+        _require(c.train_steps > 0, f"train_steps={c.train_steps} must be > 0")
     else:
         _require(c.train_epochs > 0, f"train_epochs={c.train_epochs!r} must be > 0 (or set train_steps)")
     _require(isinstance(c.seed, int) and 0 <= c.seed < 2**32, f"seed={c.seed!r} must be an integer in [0, 2**32)")
@@ -253,8 +252,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Validate, then lock: assigning a misspelt field afterwards raises."""
+    """Validate, then lock: assigning a misspelt field afterwards raises.
+
+    ``model_kwargs.img_size`` is filled in with the model's own size when the recipe leaves it
+    out, so that ``--config.model_kwargs.img_size=384`` (what the image-size error suggests) is an
+    override of an existing field, which a locked config accepts, rather than a new one.
+    """
     validate(c)
+    if "img_size" not in c.model_kwargs:
+        from saitjax.models import create_model
+
+        model = create_model(c.model, **dict(c.model_kwargs))
+        if hasattr(model, "img_size"):
+            c.model_kwargs.img_size = int(model.img_size)
     c.lock()
     return c
 

@@ -318,8 +318,9 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
                      mesh: jax.sharding.Mesh | None = None) -> list[dict[str, Any]]:
     """``--mode sweep``: the density sweep of the workdir's latest checkpoint."""
     if not config.eval.sweep:
-        raise ValueError("config.eval.sweep is empty: give the densities to sweep, e.g. "
-                         "--config.eval.sweep='(\"dense\", \"mass:0.9\")'")
+        example = "(" + "".join(f'"{d}", ' for d in config.eval.densities) + ")"  # densities this config accepts
+        raise ValueError(f"config.eval.sweep is empty: give the densities to sweep, e.g. "
+                         f"--config.eval.sweep='{example}'")
     run, state = _latest(config, workdir, data, mesh, "sweep")
     try:
         return run.sweep(state.params, run.latest or 0)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from saitjax import train
 from saitjax.config import validate
 
 from train_fixtures import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -48,3 +53,46 @@ def test_unset_lr_and_durations_take_their_rules():
     assert train.optimizer_config(config, total, warmup, steps_per_epoch).lr == pytest.approx(1e-3 * 16 / 512)
     config = tiny_config(**{"optim.lr": 2e-3})
     assert train.optimizer_config(config, 16, 2, 4).lr == 2e-3
+
+
+def _cli_config(name: str, *overrides: str):
+    """The config exactly as ``python -m saitjax.main --config configs/NAME.py OVERRIDES`` builds it."""
+    argv = ["saitjax.main", "--config", os.path.join(ROOT, "configs", f"{name}.py"), *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def _suggested_fixes(message: str) -> list[str]:
+    """``field=value`` assignments a message tells the user to make, as --config overrides."""
+    return ["--config." + fix for fix in re.findall(r"\b([a-z_]+(?:\.[a-z_]+)*=\d+)\b", message.split("; ", 1)[1])]
+
+
+@pytest.mark.parametrize("name, bad, n_fixes", [
+    ("demo", "--config.data.image_size=48", 2),            # data.image_size=64, model_kwargs.img_size=48
+    ("deit_small_imagenet", "--config.data.image_size=384", 2),
+    ("demo", "--config.train_epochs=0", 1),                 # ...or set train_steps
+])
+def test_every_suggested_fix_works_when_applied(name, bad, n_fixes):
+    config = _cli_config(name, bad)
+    with pytest.raises(ValueError) as err:
+        validate(config)
+    message = str(err.value)
+    if "train_steps" in message:  # "(or set train_steps)": any positive count
+        fixes = ["--config.train_steps=10"]
+    else:
+        fixes = _suggested_fixes(message)
+    assert len(fixes) == n_fixes, message
+    for fix in fixes:
+        validate(_cli_config(name, bad, fix))  # the locked config accepts it, and it is valid
+
+
+def test_empty_sweep_message_suggests_a_sweep_this_config_accepts(tmp_path):
+    config = _cli_config("deit_small_imagenet")
+    with pytest.raises(ValueError, match="config.eval.sweep is empty") as err:
+        train.sweep_checkpoint(config, str(tmp_path / "w"))
+    override = re.search(r"(--config\.eval\.sweep=)'(.*)'", str(err.value))
+    fixed = _cli_config("deit_small_imagenet", override.group(1) + override.group(2))  # the shell drops the ''
+    validate(fixed)
+    assert fixed.eval.sweep and not os.path.exists(tmp_path / "w")
