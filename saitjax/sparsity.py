@@ -189,7 +189,13 @@ class SparsitySpec:
         """Raise if a pruning location does not exist in a model of ``depth`` blocks."""
         if self.rule == "tome" and len(self.merge_r) > depth:
             raise SparsityError(f"merge_r gives {len(self.merge_r)} blocks but the model has {depth}")
-        if self.rule in IN_BLOCK_RULES + ("semantic",):
+        if self.rule == "semantic":  # the image tokens may be read to the end (release after the last block)
+            bad = [l for l in self.locations[:-1] if l >= depth] + [l for l in self.locations[-1:] if l > depth]
+            if bad:
+                raise SparsityError(f"semantic tokens from block {self.locations[0]} with {self.update_layers} update "
+                                    f"block(s) need {self.locations[-1]} <= depth, but the model has {depth} blocks")
+            return
+        if self.rule in IN_BLOCK_RULES:
             bad = [l for l in self.locations if l >= depth]
             if bad:
                 raise SparsityError(f"reduction blocks {bad} do not exist in a {depth}-block model "

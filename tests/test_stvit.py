@@ -81,7 +81,8 @@ def _reference_forward(model, params, images, tokens: int, location: int, update
 
 
 @pytest.mark.parametrize("density,tokens,location,updates", [
-    (None, 9, 1, 1), ("semantic:4@1", 4, 1, 1), ("semantic:16@1,update=0", 16, 1, 0), ("semantic:9@2,update=0", 9, 2, 0)])
+    (None, 9, 1, 1), ("semantic:4@1", 4, 1, 1), ("semantic:16@1,update=0", 16, 1, 0), ("semantic:9@2,update=0", 9, 2, 0),
+    ("semantic:9@1,update=2", 9, 1, 2)])  # the image tokens read to the last block
 def test_semantic_forward_equals_written_out_reference(tiny, density, tokens, location, updates):
     model, params, images = tiny
     spec = parse_density(density) if density else None
@@ -135,8 +136,8 @@ def test_bad_settings_fail_clearly(tiny):
         model.apply({"params": params}, images, sparsity=parse_density("topk:0.5@1"))
     with pytest.raises(SparsityError, match="square number"):
         SparsitySpec.semantic(10, 1)
-    with pytest.raises(SparsityError, match="do not exist"):
-        model.apply({"params": params}, images, sparsity=parse_density("semantic:9@3"))
+    with pytest.raises(SparsityError, match="need 5 <= depth"):
+        model.apply({"params": params}, images, sparsity=parse_density("semantic:9@3,update=1"))
     with pytest.raises(SparsityError, match="semantic:<tokens>@<block>"):
         parse_density("semantic:9")
 

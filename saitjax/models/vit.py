@@ -412,6 +412,9 @@ class VisionTransformer(nn.Module):
                 if stage_aux:
                     append_stage_aux(aux, stage_aux)
             state = state.replace(x=self.blocks[i].feed_forward(state.x, train))
+        if self.depth in stages:  # a stage after the last block (STViT's context read to the end)
+            state, stage_aux = self.select_tokens(stages[self.depth], state, cls_attn, spec, train)
+            append_stage_aux(aux, stage_aux)
         return self.classify(state, cls_attn, aux)
 
     def classify(self, state: TokenState, cls_attn: Array, aux: Aux) -> tuple[Array, Aux]:
