@@ -47,6 +47,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reload(self) -> int | None:
+        """Re-read the directory (another process may have saved since); the latest step."""
+        self._manager.reload()
+        return self._manager.latest_step()
+
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 

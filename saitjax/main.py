@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
             results = train.sweep_checkpoint(config, workdir)
         else:
             results = train.train_and_evaluate(config, workdir)["eval"]
-    except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError) as err:
+    except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError,
+            workdir_lib.WorkdirBusyError) as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2

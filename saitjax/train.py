@@ -33,6 +33,7 @@ from saitjax.metrics import MetricWriter, Progress
 from saitjax.models import create_model
 from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
 from saitjax.sparsity import SparsitySpec
+from saitjax.workdir import WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -219,16 +220,24 @@ class Run:
         # One evaluator per run: its jitted step (one compilation per density) is reused by
         # every periodic evaluation instead of being traced and compiled again each time.
         self.evaluator = Evaluator(model, self.method.eval_densities())
-        # Only now, with the config and data known good, look at the workdir; a training run
-        # creates it, an evaluation never does.
+        # Only now, with the config and data known good, look at the workdir: read it first, and
+        # only a training run, once it owns the workdir, writes to it (an evaluation never does).
         self.ckpt = Checkpointer(workdir_lib.join(workdir, "checkpoints"),
                                  max_to_keep=config.checkpoint.max_to_keep,
-                                 async_save=config.checkpoint.async_save, create=train)
-        self.latest = self.ckpt.latest_step()
+                                 async_save=config.checkpoint.async_save, create=False)
+        self.lock: WorkdirLock | None = None
         try:
+            self.latest = self.ckpt.latest_step()
             if self.latest is not None:
                 check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
             _check_input_files(config, resuming=self.latest is not None)
+            if train:
+                if jax.process_index() == 0:
+                    self.lock = WorkdirLock(workdir).acquire()  # refused while another run owns it
+                    workdir_lib.makedirs(self.ckpt.directory)
+                if self.ckpt.reload() != self.latest:  # the previous owner saved since we looked
+                    self.latest = self.ckpt.latest_step()
+                    check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
         except BaseException:
             self.close()
             raise
@@ -236,6 +245,9 @@ class Run:
     def close(self) -> None:
         """Wait for pending checkpoint writes, then let go of the workdir."""
         self.ckpt.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def init_state(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))

@@ -1,8 +1,14 @@
-"""Workdir paths: local and gs:// workdirs, bad workdirs refused before anything is written."""
+"""Workdirs: local and gs:// paths, bad ones refused before anything is written, one run each."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -95,8 +101,9 @@ def test_gs_workdir_end_to_end_through_epath_and_orbax(gs_bucket, tmp_path):
     assert result["step"] == 2 and epath.Path("gs://bucket/run/export/params_step2.npz").exists()
     assert gs_bucket.managers and all(d == "gs://bucket/run/checkpoints" for d in gs_bucket.managers)
     local = tmp_path / "gcs" / "bucket" / "run"
-    assert sorted(os.listdir(local)) == ["checkpoints", "config.json", "export", "metrics.jsonl",
+    assert sorted(os.listdir(local)) == ["LOCK", "checkpoints", "config.json", "export", "metrics.jsonl",
                                          "tensorboard", "training_curves.png"]
+    assert json.loads((local / "LOCK").read_text())["released"] is True  # the lease, given back
     assert os.listdir(local / "checkpoints") == ["2"]
     assert [r["step"] for r in read_metrics(str(local / "metrics.jsonl"))] == [2, 2]  # train, eval
     assert sorted(os.listdir(tmp_path)) == ["gcs"]  # nothing under ./gs:
@@ -112,3 +119,64 @@ def test_gs_metrics_resume_drops_replayed_rows(gs_bucket, tmp_path):
     assert [(r["step"], r["train/loss"]) for r in read_metrics(str(local))] == [(1, 1.0), (2, 0.5), (3, 0.5)]
     assert len(os.listdir(local / "tensorboard")) == 2
     assert sorted(os.listdir(tmp_path)) == ["gcs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir
+# ----------------------------------------------------------------------------------------------
+
+_HOLD_LOCK = """
+import os, sys, time
+from saitjax.workdir import WorkdirLock
+WorkdirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_run_refused_while_the_first_lives_and_lock_of_a_dead_one_taken_over(tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir.WorkdirBusyError, match=f"in use by another run: pid {holder.pid} on host "
+                                                           f"{socket.gethostname()} \\(since "):
+            workdir.WorkdirLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no chance to release
+        holder.wait()
+    with caplog.at_level(logging.WARNING), workdir.WorkdirLock(str(tmp_path)) as lock:
+        assert f"previous run (pid {holder.pid} on host" in caplog.text and "taking it over" in caplog.text
+        with pytest.raises(workdir.WorkdirBusyError, match=f"pid {os.getpid()} "):
+            workdir.WorkdirLock(str(tmp_path)).acquire()  # a second owner in this process, too
+    assert json.loads((tmp_path / "LOCK").read_text())["released"] is True
+    assert lock.path == str(tmp_path / "LOCK")
+
+
+def test_training_refused_in_an_owned_workdir_changes_nothing(tmp_path):
+    config = tiny_config()
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with workdir.WorkdirLock(str(tmp_path)):
+        with pytest.raises(workdir.WorkdirBusyError, match="Two runs in one workdir"):
+            train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh, config), mesh=mesh)
+    assert os.listdir(tmp_path) == ["LOCK"]
+
+
+def _lease(path, **owner):
+    path.write_text(json.dumps({"since": "2026-01-01T00:00:00+00:00", **owner}))
+
+
+def test_remote_lease_names_a_live_owner_and_expires(tmp_path):
+    """The lease used where flock is unavailable (gs://), exercised on a local directory."""
+    lock_file = tmp_path / "LOCK"
+    _lease(lock_file, host="other-host", pid=1, renewed=time.time())
+    with pytest.raises(workdir.WorkdirBusyError, match="pid 1 on host other-host .*lease expires 600 s after"):
+        workdir.WorkdirLock(str(tmp_path), lease=True).acquire()
+    _lease(lock_file, host="other-host", pid=1, renewed=time.time() - 601)  # not renewed: stale
+    lock = workdir.WorkdirLock(str(tmp_path), lease=True, renew_s=0.05).acquire()
+    time.sleep(0.3)
+    assert json.loads(lock_file.read_text())["renewed"] > time.time() - 1  # kept alive by its thread
+    lock.release()
+    assert json.loads(lock_file.read_text())["released"] is True
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _lease(lock_file, host=socket.gethostname(), pid=int(dead.stdout), renewed=time.time())
+    workdir.WorkdirLock(str(tmp_path), lease=True, renew_s=0.05).acquire().release()  # a dead pid here: stale
