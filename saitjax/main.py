@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,6 +32,28 @@ _DISTRIBUTED = flags.DEFINE_boolean("distributed", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> int:
+    """The one line a user or a scheduler sees for a bad input (no traceback, printed once)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _config_or_error() -> Any:
+    """``--config``'s ConfigDict; a file that is missing or unreadable is a one-line error."""
+    try:
+        config = _CONFIG.value
+        config.keys()  # config_flags defers a failed load to the first use of the config
+        return config
+    except OSError as err:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        reason = "no such file" if not os.path.exists(path) else str(err).strip().splitlines()[-1].strip()
+        raise _ConfigFileError(f"config file {path}: {reason}") from None
+
+
+class _ConfigFileError(ValueError):
+    pass
+
+
 def main(argv: list[str]) -> int:
     del argv
     from saitjax import parallel
@@ -40,10 +64,10 @@ def main(argv: list[str]) -> int:
     from saitjax import workdir as workdir_lib
     from saitjax.checkpointing import CheckpointMismatchError
 
-    config = _CONFIG.value
     try:
+        config = _config_or_error()
         workdir = workdir_lib.resolve(_WORKDIR.value)  # a gs:// URI stays a URI
-        if _MODE.value == "train":
+        if _MODE.value != "eval":  # eval only reads (a missing workdir: "no checkpoint in ...")
             workdir_lib.check_writable(workdir)
         if _MODE.value == "eval":
             results = train.evaluate_checkpoint(config, workdir)
@@ -53,9 +77,7 @@ def main(argv: list[str]) -> int:
             results = train.train_and_evaluate(config, workdir)["eval"]
     except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError,
             workdir_lib.WorkdirBusyError) as err:
-        logging.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     print(json.dumps({"workdir": workdir, "eval": results}, indent=2))
     return 0
 
@@ -63,11 +85,12 @@ def main(argv: list[str]) -> int:
 def run() -> None:
     try:
         app.run(main)
+    except SyntaxError as err:  # raised while --config is parsed, before main()
+        sys.exit(_fail(f"config file {err.filename}, line {err.lineno}: {err.msg}"))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         # --config.field=value overrides are applied while flags are parsed, before main().
         message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").split()).replace("'", "").strip('"')
-        print(f"error: bad --config override or config argument: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(_fail(f"bad --config override or config argument: {message}"))
 
 
 if __name__ == "__main__":

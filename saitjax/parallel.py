@@ -63,11 +63,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """Per-process batch size; a clear error if the global batch does not split evenly."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch_size") -> int:
+    """Per-process batch size; a clear error, naming the config ``field``, if the global batch
+    does not split evenly over the devices."""
     devices = mesh.devices.size
     if global_batch_size % devices:
-        raise ValueError(f"batch_size={global_batch_size} is not divisible by the {devices} devices "
+        raise ValueError(f"{field}={global_batch_size} is not divisible by the {devices} devices "
                          f"of the mesh; use a multiple of {devices}")
     return global_batch_size // jax.process_count()
 

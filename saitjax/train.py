@@ -201,6 +201,8 @@ class Run:
         self.model = model = create_model(config.model, **dict(config.model_kwargs))
         self.method = build_method(config, model)
         self.meta = run_meta(config, model)
+        parallel.check_batch_size(config.batch_size, self.mesh)
+        parallel.check_batch_size(config.eval.batch_size, self.mesh, "eval.batch_size")
         if data is None:
             from saitjax.data.source import TFDSData
 
@@ -213,7 +215,6 @@ class Run:
         self.method.bind_schedule(self.total_steps, steps_per_epoch)
         self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
         self.replicated = parallel.replicated(self.mesh)
-        parallel.check_batch_size(config.batch_size, self.mesh)
         self.dummy = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
         self.params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), self.dummy)["params"])
         self.tx, self.schedule = make_optimizer(self.opt_config, self.params_shape)

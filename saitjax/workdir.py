@@ -77,10 +77,8 @@ def join(path: str, *parts: str) -> str:
 
 
 def check_writable(path: str) -> None:
-    """Refuse a local workdir that is a file, sits under a file, or cannot be written.
-
-    Checks without writing anything; a remote workdir is checked by its first write instead.
-    """
+    """Refuse a local workdir that is a file, sits under a file, or cannot be written, before
+    the run loads data or writes anything; a remote workdir is checked by its first write."""
     if is_remote(path):
         return
     if os.path.exists(path) and not os.path.isdir(path):
@@ -95,13 +93,11 @@ def check_writable(path: str) -> None:
         raise WorkdirError(f"workdir {path} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise WorkdirError(f"workdir {path} is not writable ({existing} is read-only for this user)")
-
-
-def check_exists(path: str, what: str) -> None:
-    """``--mode eval/sweep`` read a workdir: a missing one is an error, never created."""
-    if not epath.Path(path).is_dir():
-        raise WorkdirError(f"workdir {path} does not exist: nothing to {what}. Train in it first "
-                           "(without --mode), or check the path")
+    try:  # root passes os.access everywhere; a nameless temporary file tells, and leaves no trace
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise WorkdirError(f"workdir {path} is not writable ({existing}: {err.strerror})") from None
 
 
 def makedirs(path: str) -> None:

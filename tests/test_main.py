@@ -62,21 +62,53 @@ def test_demo_config_trains_on_generated_tiny_dataset(tmp_path):
     assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.data.name=saitjax_shapez", "Did you mean 'saitjax_shapes'"),
-    ("--config.data.name=imagefolder:/no/such/dir", "ImageFolder root '/no/such/dir' does not exist"),
-    ("--config.batch_sise=8", "Did you mean \"batch_size\""),
-    ("--config.optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
-])
-def test_cli_bad_input_names_the_problem(tmp_path, override, message):
-    out = _main("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), override)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert message in out.stderr
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+# (arguments after `[--config configs/demo.py] --workdir {w}`, a fragment of the one error line);
+# {tmp} is the test's directory, {w} a workdir holding an earlier run's config.json.
+BAD_INPUTS = [
+    (("--config", "configs/nope.py"), "config file configs/nope.py: no such file"),
+    (("--config", "{tmp}/syntax_error.py"), "config file {tmp}/syntax_error.py, line 1: invalid syntax"),
+    (("--workdir=",), "--workdir is empty"),
+    (("--workdir", "{tmp}/a_file"), "workdir {tmp}/a_file is a file, not a directory"),
+    (("--workdir", "{tmp}/a_file/run"), "cannot be created: {tmp}/a_file is a file"),
+    (("--workdir", "s3://bucket/run"), "the scheme s3:// is not supported"),
+    (("--config.seed=-1",), "invalid config: seed=-1 must be an integer"),
+    (("--config.optim.lr=-0.001",), "invalid config: optim.lr=-0.001 must be > 0"),
+    (("--config.eval.batch_size=3",), "eval.batch_size=3 is not divisible by the 2 devices"),
+    (("--config.batch_sise=8",), 'Did you mean "batch_size"'),
+    (("--config.data.name=saitjax_shapez",), "Did you mean 'saitjax_shapes'"),
+    (("--config.data.name=imagefolder:/no/such/dir",), "ImageFolder root '/no/such/dir' does not exist"),
+    (("--config", "configs/deit_small_imagenet.py", "--config.data.data_dir={tmp}/missing"), "does not exist"),
+    (("--config.init={tmp}/missing.npz",), "config.init='{tmp}/missing.npz': no such file"),
+    (("--mode", "eval", "--workdir", "{tmp}/never_trained"), "no checkpoint in {tmp}/never_trained/checkpoints"),
+    (("--mode", "eval", "--config.init={tmp}/missing.npz"), "config.init='{tmp}/missing.npz': no such file"),
+    (("--config.teacher={tmp}/teacher.npz",), "config.teacher='{tmp}/teacher.npz': no such file"),
+]
 
 
-def test_cli_missing_data_dir(tmp_path):
-    out = _main("--config", "configs/deit_small_imagenet.py", "--workdir", str(tmp_path / "w"),
-                f"--config.data.data_dir={tmp_path / 'missing'}")
-    assert out.returncode == 2
-    assert "data_dir" in out.stderr and "does not exist" in out.stderr
+def _listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_cli_bad_inputs_one_error_line_exit_2_nothing_written(tmp_path):
+    """Every bad input: exit status 2, one `error:` line naming the problem, no traceback, and no
+    file written anywhere under tmp_path (the workdir included). Run side by side: ~2 s each."""
+    (tmp_path / "syntax_error.py").write_text("def get_config(:\n")
+    (tmp_path / "a_file").write_text("")
+    os.makedirs(tmp_path / "w")
+    (tmp_path / "w" / "config.json").write_text("{}")  # an earlier run's file: left as it is
+    before = _listing(tmp_path)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    cases = []
+    for args, fragment in BAD_INPUTS:
+        config = () if "--config" in args else ("--config", "configs/demo.py")  # --config once only
+        full = [a.format(tmp=tmp_path, w=tmp_path / "w") for a in (*config, "--workdir", "{w}", *args)]
+        cases.append(([sys.executable, "-m", "saitjax.main", *full], fragment.format(tmp=tmp_path)))
+    for start in range(0, len(cases), 4):  # four at a time: 2 cores, and other tests may be running
+        procs = [(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True), fragment) for cmd, fragment in cases[start:start + 4]]
+        for proc, fragment in procs:
+            _, err = proc.communicate(timeout=300)
+            lines = [line for line in err.splitlines() if line.startswith("error:")]
+            assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (fragment, err[-2000:])
+            assert "Traceback" not in err, err[-2000:]
+    assert _listing(tmp_path) == before

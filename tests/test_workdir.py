@@ -45,6 +45,21 @@ def test_unusable_local_workdirs_are_refused_without_writing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_read_only_workdir_is_refused(tmp_path, monkeypatch):
+    """Read-only for this user (os.access), or for everyone, root included (the write probe)."""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(workdir.WorkdirError, match=f"workdir {tmp_path}/run is not writable .*read-only"):
+        workdir.check_writable(str(tmp_path / "run"))
+    monkeypatch.undo()
+
+    def read_only_disk(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(workdir.tempfile, "TemporaryFile", read_only_disk)
+    with pytest.raises(workdir.WorkdirError, match="is not writable .*Read-only file system"):
+        workdir.check_writable(str(tmp_path))
+
+
 class _LocalBucket:
     """gs://bucket/... served from a local directory: a stand-in for GCS behind etils.epath (its
     own test double) and behind orbax (whose TensorStore GCS driver cannot be faked offline)."""

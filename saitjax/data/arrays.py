@@ -33,7 +33,7 @@ class ArrayData:
         self.num_train_examples = len(train_labels)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         parallel.check_batch_size(batch_size, mesh)
-        parallel.check_batch_size(eval_batch_size, mesh)
+        parallel.check_batch_size(eval_batch_size, mesh, "eval.batch_size")
         self.sharding = parallel.batch_sharded(mesh)
 
     def _local_rows(self, global_rows: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ class TFDSData:
         self.num_train_examples = info["splits"][d.train_split]
         self.num_eval_examples = info["splits"][d.eval_split]
         self.per_host_batch = parallel.check_batch_size(config.batch_size, mesh)
-        self.per_host_eval_batch = parallel.check_batch_size(config.eval.batch_size, mesh)
+        self.per_host_eval_batch = parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
         self._sharding = parallel.batch_sharded(mesh)
 
     def train_batches(self, start_step: int = 0) -> Iterator[Any]:
