@@ -74,7 +74,15 @@ def main(argv: list[str]) -> int:
         elif _MODE.value == "sweep":
             results = train.sweep_checkpoint(config, workdir)
         else:
-            results = train.train_and_evaluate(config, workdir)["eval"]
+            result = train.train_and_evaluate(config, workdir)
+            if result["stopped_by"]:
+                print(f"stopped by {result['stopped_by']} at step {result['step']}, after saving a "
+                      "checkpoint; run the same command to resume", file=sys.stderr)
+                return train.exit_status(result)
+            results = result["eval"]
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (or a second one): nothing saved
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError,
             workdir_lib.WorkdirBusyError) as err:
         return _fail(str(err))

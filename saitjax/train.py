@@ -133,27 +133,47 @@ def load_pretrained(params: Any, path: str, config: ml_collections.ConfigDict) -
 
 
 class _StopSignal:
-    """SIGTERM (preemption) -> finish the current step, save, exit cleanly."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) -> finish the current step, save, stop.
+
+    ``received`` is the signal's name. A second signal gets the previous handler at once (a
+    second Ctrl-C interrupts without waiting for the save).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> "_StopSignal":
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
+            self._previous = {}
         return self
 
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.received = True
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint after this step and stopping (again to "
+                        "abort without saving)", self.received)
+        self._restore()
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> bool:
+        self._restore()
         return False
+
+
+def exit_status(result: dict[str, Any]) -> int:
+    """The process exit status for a :func:`train_and_evaluate` result: 0 when the run reached
+    its end, 128 + the signal number when a signal stopped it after saving (143 SIGTERM,
+    130 SIGINT), so a scheduler tells an interrupted run from a finished one."""
+    stopped = result.get("stopped_by")
+    return 128 + int(signal.Signals[stopped]) if stopped else 0
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> None:
@@ -232,6 +252,11 @@ class Run:
             if self.latest is not None:
                 check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
             _check_input_files(config, resuming=self.latest is not None)
+            if train and self.latest is not None and self.latest > self.total_steps:
+                raise ValueError(
+                    f"workdir {workdir} already holds a checkpoint at step {self.latest}, past the "
+                    f"{self.total_steps} steps this config trains (train_steps / train_epochs); nothing "
+                    "was done. Evaluate it with --mode eval, or give more steps to train on.")
             if train:
                 if jax.process_index() == 0:
                     self.lock = WorkdirLock(workdir).acquire()  # refused while another run owns it
@@ -429,7 +454,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
                 with progress.paused():
                     ckpt.save(step, state, meta)
                     writer.flush()  # a remote workdir gets its metrics copied up here
-            if step % config.eval.every_steps == 0 and step != total_steps:
+            if step % config.eval.every_steps == 0 and step != total_steps and not stop.received:
                 results = evaluate(step)
             if stop.received:
                 break
@@ -453,4 +478,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
             with progress.paused():
                 run.sweep(state.params, step)
     writer.close()
-    return {"step": step, "eval": results, "state": state}
+    if stop.received:
+        logging.warning("stopped by %s at step %d, checkpoint saved; run the same command to resume",
+                        stop.received, step)
+    return {"step": step, "eval": results, "state": state, "stopped_by": stop.received}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from saitjax import parallel, train
 from saitjax.checkpointing import CheckpointMismatchError, Checkpointer
 
-from train_fixtures import tiny_config, tiny_data
+from train_fixtures import fast_compile, tiny_config, tiny_data
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 
@@ -92,9 +92,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_with_status_143(tmp_path):
     out = _worker(tmp_path / "w", tmp_path / "w.npz", "--kill-at", 6, "--signal", "SIGTERM")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 143, out.stderr[-3000:]  # 128 + SIGTERM: interrupted, not finished
     # the step being fetched when the signal arrived is finished, saved, and the run stops
     assert Checkpointer(str(tmp_path / "w" / "checkpoints")).latest_step() == 7
     assert not os.path.exists(tmp_path / "w" / "export")
@@ -171,3 +171,32 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="dataset has 4 classes but the model has num_classes=10"):
         c = tiny_config(**{"model_kwargs.num_classes": 10})
         train.Run(c, "/tmp/unused", data=tiny_data(parallel.make_mesh(), tiny_config()))
+
+
+def test_ctrl_c_saves_then_a_shorter_rerun_says_it_is_past_its_steps(tmp_path):
+    """SIGINT is handled like SIGTERM (save, stop, status 130); asking the saved run for fewer
+    steps than it holds is refused with the step it is at, and changes nothing."""
+    import signal
+
+    config = tiny_config(train_steps=8, **{"checkpoint.every_steps": 100})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    data = tiny_data(mesh, config)
+    batches = data.train_batches
+
+    def interrupted(start_step):
+        for step, batch in enumerate(batches(start_step), start=start_step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the third step's batch is fetched
+            yield batch
+
+    data.train_batches = interrupted
+    with fast_compile():
+        result = train.train_and_evaluate(config, str(tmp_path), data=data, mesh=mesh)
+    assert (result["stopped_by"], result["step"], train.exit_status(result)) == ("SIGINT", 3, 130)
+    assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    before = sorted(os.listdir(tmp_path)), (tmp_path / "metrics.jsonl").read_text()
+    shorter = tiny_config(train_steps=2)
+    with pytest.raises(ValueError, match="already holds a checkpoint at step 3, past the 2 steps"):
+        train.train_and_evaluate(shorter, str(tmp_path), data=tiny_data(mesh, shorter), mesh=mesh)
+    assert (sorted(os.listdir(tmp_path)), (tmp_path / "metrics.jsonl").read_text()) == before

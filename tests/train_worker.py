@@ -54,6 +54,7 @@ def main() -> None:
     if jax.process_index() == 0 and result["eval"]:  # a SIGTERM-stopped run has no final eval
         leaves = jax.tree.leaves(jax.device_get(result["state"].params))
         np.savez(args.out, *leaves, top1=result["eval"]["dense"]["top1"])
+    sys.exit(train.exit_status(result))  # as saitjax.main exits
 
 
 if __name__ == "__main__":
