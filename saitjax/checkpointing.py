@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import struct
 
 from saitjax import workdir
@@ -30,6 +31,18 @@ class TrainState(struct.PyTreeNode):
 
 class CheckpointMismatchError(RuntimeError):
     """The workdir holds checkpoints of a different model/method than the one asked for."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """No checkpoint of the workdir can be read."""
+
+
+def _brief(err: BaseException) -> str:
+    """The first line of an error (orbax/TensorStore errors run to many lines), type included."""
+    lines = str(err).strip().splitlines() or [""]
+    first = lines[0].split(" See full TensorStore details")[0]  # the rest is a repr of its spec
+    text = first[:300] + (" ..." if len(lines) > 1 or len(first) < len(lines[0]) or len(first) > 300 else "")
+    return f"{type(err).__name__}: {text}"
 
 
 class Checkpointer:
@@ -70,14 +83,55 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"] or {})
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """Restore onto the shardings carried by ``abstract_state`` (see :func:`abstract_like`)."""
+    def newest_meta(self) -> tuple[int | None, dict[str, Any]]:
+        """``(step, meta)`` of the newest checkpoint whose metadata reads (unreadable ones are
+        named in a warning and skipped); ``(None, {})`` when there is none."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - any way a file can be damaged
+                logging.warning("checkpoint at step %d in %s is unreadable: %s", step, self.directory, _brief(err))
+        return None, {}
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict, int]:
+        """The newest intact checkpoint at or before ``step`` (default: the latest), onto the
+        shardings carried by ``abstract_state`` (see :func:`abstract_like`): ``(state, meta, step)``.
+
+        A damaged checkpoint (truncated file, garbled metadata) is named in a warning and the one
+        before it is tried; only when none can be read is it an error.
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"] or {})
+        unreadable = []
+        for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
+            try:
+                restored = self._manager.restore(candidate, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            except Exception as err:  # noqa: BLE001 - any way a file can be damaged
+                logging.warning("checkpoint at step %d in %s is unreadable: %s", candidate, self.directory,
+                                _brief(err))
+                unreadable.append(candidate)
+                continue
+            if unreadable:
+                logging.warning("falling back to step %d, the newest intact checkpoint (unreadable: steps %s)",
+                                candidate, ", ".join(map(str, unreadable)))
+            return restored["state"], dict(restored["meta"] or {}), candidate
+        raise CheckpointCorruptError(
+            f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, unreadable))} are "
+            "damaged); move them away to start afresh, or use another --workdir")
+
+    def set_aside(self, step: int, directory: str) -> str:
+        """Move the (damaged) checkpoint of ``step`` into ``directory``, out of the way of the save
+        that will be made at that step again; nothing is deleted. Returns where it went."""
+        target = epath.Path(directory) / str(step)
+        n = 1
+        while target.exists():
+            target, n = epath.Path(directory) / f"{step}.{n}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (epath.Path(self.directory) / str(step)).rename(target)
+        self._manager.reload()
+        return str(target)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
     from saitjax import train
     from saitjax import workdir as workdir_lib
-    from saitjax.checkpointing import CheckpointMismatchError
+    from saitjax.checkpointing import CheckpointCorruptError, CheckpointMismatchError
 
     try:
         config = _config_or_error()
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError,
-            workdir_lib.WorkdirBusyError) as err:
+            CheckpointCorruptError, workdir_lib.WorkdirBusyError) as err:
         return _fail(str(err))
     print(json.dumps({"workdir": workdir, "eval": results}, indent=2))
     return 0

@@ -247,10 +247,10 @@ class Run:
                                  max_to_keep=config.checkpoint.max_to_keep,
                                  async_save=config.checkpoint.async_save, create=False)
         self.lock: WorkdirLock | None = None
+        self.train = train
         try:
             self.latest = self.ckpt.latest_step()
-            if self.latest is not None:
-                check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
+            self._check_meta()
             _check_input_files(config, resuming=self.latest is not None)
             if train and self.latest is not None and self.latest > self.total_steps:
                 raise ValueError(
@@ -263,10 +263,16 @@ class Run:
                     workdir_lib.makedirs(self.ckpt.directory)
                 if self.ckpt.reload() != self.latest:  # the previous owner saved since we looked
                     self.latest = self.ckpt.latest_step()
-                    check_meta_compatible(self.ckpt.read_meta(self.latest), self.meta, workdir)
+                    self._check_meta()
         except BaseException:
             self.close()
             raise
+
+    def _check_meta(self) -> None:
+        """Refuse checkpoints of another model/method (read from the newest readable one)."""
+        step, saved = self.ckpt.newest_meta()
+        if step is not None:
+            check_meta_compatible(saved, self.meta, self.workdir)
 
     def close(self) -> None:
         """Wait for pending checkpoint writes, then let go of the workdir."""
@@ -283,8 +289,19 @@ class Run:
         config, model = self.config, self.model
         if self.latest is not None:
             abstract = abstract_like(jax.eval_shape(self.init_state, self.params_shape), self.replicated)
-            state, _ = self.ckpt.restore(abstract, self.latest)
-            logging.info("resumed from %s at step %d", self.ckpt.directory, self.latest)
+            state, _, step = self.ckpt.restore(abstract, self.latest)  # falls back past damaged ones
+            if step != self.latest and self.train:  # the damaged ones are in the way of new saves
+                if jax.process_index() == 0:
+                    for damaged in [s for s in self.ckpt.all_steps() if s > step]:
+                        moved = self.ckpt.set_aside(damaged, workdir_lib.join(self.workdir, "checkpoints_unreadable"))
+                        logging.warning("moved the unreadable checkpoint of step %d to %s", damaged, moved)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("saitjax: damaged checkpoints set aside")
+                self.ckpt.reload()
+            self.latest = step
+            logging.info("resumed from %s at step %d", self.ckpt.directory, step)
             return state
         params = jax.jit(lambda k: model.init(k, self.dummy)["params"], out_shardings=self.replicated)(
             jax.random.key(config.seed))

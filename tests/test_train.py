@@ -200,3 +200,39 @@ def test_ctrl_c_saves_then_a_shorter_rerun_says_it_is_past_its_steps(tmp_path):
     with pytest.raises(ValueError, match="already holds a checkpoint at step 3, past the 2 steps"):
         train.train_and_evaluate(shorter, str(tmp_path), data=tiny_data(mesh, shorter), mesh=mesh)
     assert (sorted(os.listdir(tmp_path)), (tmp_path / "metrics.jsonl").read_text()) == before
+
+
+def _damage(step_dir):
+    """Truncate the largest array file of a checkpoint, as a full disk or a killed copy would."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir / "state") for f in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_damaged_checkpoints_are_named_and_the_newest_intact_one_restored(tmp_path, caplog):
+    import logging
+
+    config = tiny_config()
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    run = train.Run(config, str(tmp_path), data=tiny_data(mesh, config), mesh=mesh, train=True)
+    state = run.restore_or_init()
+    for step in (2, 4, 6):
+        run.ckpt.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), run.meta)
+    run.close()
+    _damage(tmp_path / "checkpoints" / "6")
+    (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        evaluation = train.Run(config, str(tmp_path), data=tiny_data(mesh, config), mesh=mesh)
+        assert int(evaluation.restore_or_init().step) == 2  # an evaluation reads, moves nothing
+        evaluation.close()
+        assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4", "6"]
+        resumed = train.Run(config, str(tmp_path), data=tiny_data(mesh, config), mesh=mesh, train=True)
+        assert int(resumed.restore_or_init().step) == 2
+        resumed.close()
+    assert "checkpoint at step 6 in" in caplog.text and "checkpoint at step 4 in" in caplog.text
+    assert "falling back to step 2, the newest intact checkpoint (unreadable: steps 6, 4)" in caplog.text
+    assert "Traceback" not in caplog.text and max(map(len, caplog.text.splitlines())) < 600
+    # the damaged ones are kept, out of the way of the saves at steps 4 and 6 to come
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["4", "6"]
