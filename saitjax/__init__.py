@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Conversion pulls in safetensors (and torch for .pth): import it on first use only.
-    if name in ("load_params", "save_params"):
+    if name in ("load_params", "save_params", "load_variables", "save_variables"):
         from saitjax.convert import io
         return getattr(io, name)
     raise AttributeError(f"module 'saitjax' has no attribute {name!r}")
 
 
 __all__ = ["create_model", "list_models", "model_entry", "SparsitySpec", "SparsityError", "parse_density",
-           "load_params", "save_params", "__version__"]
+           "load_params", "save_params", "load_variables", "save_variables", "__version__"]

@@ -5,6 +5,9 @@
   optional extra); nested ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers are unwrapped.
 * ``.npz`` is saitjax's exchange format: one array per parameter under its Linen path
   (``blocks_0/attn/qkv/kernel``) plus a JSON metadata entry naming the model it came from.
+  Other collections (BatchNorm ``batch_stats``) are stored under ``<collection>/<path>`` and
+  listed in the metadata (``"collections"``); files without that entry hold params only, so every
+  earlier file reads as before.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from saitjax.convert.timm_deit import (ConversionError, convert_state_dict, expected_param_shapes,
+from saitjax.convert.timm_deit import (ConversionError, convert_variables, expected_variable_shapes,
                                        fit_pos_embed, guess_model_name)
 
 META_KEY = "__saitjax_meta__"
@@ -61,11 +64,29 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def save_params(path: str, params: Mapping[str, Any], *, model: str, overwrite: bool = False,
                 **meta: Any) -> str:
     """Write ``params`` as a flat ``.npz`` with metadata; refuses to overwrite unless asked."""
+    return save_variables(path, {"params": params}, model=model, overwrite=overwrite, **meta)
+
+
+def save_variables(path: str, variables: Mapping[str, Any], *, model: str, overwrite: bool = False,
+                   **meta: Any) -> str:
+    """Write every collection (``{"params": ..., "batch_stats": ...}``) as one flat ``.npz``.
+
+    Params keep their plain paths (a params-only file is what :func:`save_params` always wrote);
+    other collections go under ``<collection>/`` and are listed in the metadata.
+    """
     if not path.endswith(".npz"):
         raise ValueError(f"params are saved as .npz; got {path!r}")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    if "params" not in variables:
+        raise ValueError(f"variables need a 'params' collection; got {sorted(variables)}")
+    flat = {}
+    for col, tree in variables.items():
+        prefix = () if col == "params" else (col,)
+        flat.update({"/".join(prefix + k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()})
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        meta = {**meta, "collections": ["params"] + extra}
     from saitjax import __version__
 
     flat[META_KEY] = np.asarray(json.dumps({"model": model, "saitjax_version": __version__, **meta}))
@@ -77,11 +98,24 @@ def save_params(path: str, params: Mapping[str, Any], *, model: str, overwrite: 
 
 
 def read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(nested params, metadata)`` from a saitjax ``.npz``."""
+    """``(nested params, metadata)`` from a saitjax ``.npz`` (other collections left out)."""
+    variables, meta = read_npz_variables(path)
+    return variables["params"], meta
+
+
+def read_npz_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({collection: nested tree}, metadata)`` from a saitjax ``.npz``; always has ``params``."""
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data[META_KEY])) if META_KEY in data else {}
-        flat = {tuple(k.split("/")): data[k] for k in data.files if k != META_KEY}
-    return traverse_util.unflatten_dict(flat), meta
+        others = set(meta.get("collections", ())) - {"params"}
+        flat: dict[str, dict] = {"params": {}, **{col: {} for col in others}}
+        for key in data.files:
+            if key == META_KEY:
+                continue
+            path_ = tuple(key.split("/"))
+            col = path_[0] if path_[0] in others else "params"
+            flat[col][path_[1:] if col != "params" else path_] = data[key]
+    return {col: traverse_util.unflatten_dict(tree) for col, tree in flat.items()}, meta
 
 
 def load_params(path: str, model: str | None = None, *, strict: bool = True,
@@ -93,7 +127,8 @@ def load_params(path: str, model: str | None = None, *, strict: bool = True,
     the params are checked against that model and any mismatch raises a ConversionError that
     lists it. ``model_overrides`` (e.g. ``img_size=384``) build the target model. Parameters at
     paths matching the regex ``skip_mismatched`` are left out when their shapes differ (a new
-    classifier head when fine-tuning to another label set).
+    classifier head when fine-tuning to another label set). A model with BatchNorm statistics
+    raises rather than dropping them: use :func:`load_variables`.
     """
     return load_params_and_name(path, model, strict=strict, skip_mismatched=skip_mismatched,
                                 **model_overrides)[0]
@@ -103,36 +138,68 @@ def load_params_and_name(path: str, model: str | None = None, *, strict: bool = 
                          skip_mismatched: str | None = None,
                          **model_overrides: Any) -> tuple[dict[str, Any], str]:
     """Like :func:`load_params`, also returning the model name the params were checked against."""
+    variables, name = load_variables_and_name(path, model, strict=strict, skip_mismatched=skip_mismatched,
+                                              **model_overrides)
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        raise ConversionError(f"{name} keeps {', '.join(extra)} (BatchNorm running statistics) besides params; "
+                              "load_params would drop them. Use saitjax.convert.load_variables(path, model) and "
+                              "apply with the whole dict: model.apply(variables, images).")
+    return variables["params"], name
+
+
+def load_variables(path: str, model: str | None = None, *, strict: bool = True,
+                   skip_mismatched: str | None = None, **model_overrides: Any) -> dict[str, Any]:
+    """Every collection the model needs, ready for ``create_model(model).apply(variables, images)``:
+    ``{"params": ...}``, plus ``"batch_stats"`` for a BatchNorm model (STViT-R).
+
+    Same sources, checks and arguments as :func:`load_params`; ``strict`` covers the statistics
+    too (with ``strict=False`` an absent collection comes back empty, for the caller to initialise).
+    """
+    return load_variables_and_name(path, model, strict=strict, skip_mismatched=skip_mismatched,
+                                   **model_overrides)[0]
+
+
+def load_variables_and_name(path: str, model: str | None = None, *, strict: bool = True,
+                            skip_mismatched: str | None = None,
+                            **model_overrides: Any) -> tuple[dict[str, Any], str]:
+    """Like :func:`load_variables`, also returning the model name they were checked against."""
     from saitjax.models import create_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"params file {path!r} does not exist")
     if path.endswith(".npz"):
-        params, meta = read_npz(path)
+        variables, meta = read_npz_variables(path)
         name = model or meta.get("model")
         if name is None:
             raise ConversionError(f"{path} records no model name; pass model=...")
         target = create_model(name, **model_overrides)
-        return _check_npz(params, expected_param_shapes(target), name, strict, target,
-                          skip_mismatched), name
+        expected = expected_variable_shapes(target)
+        unexpected = sorted(set(variables) - set(expected))
+        if unexpected:
+            raise ConversionError(f"{path} holds collection(s) {unexpected} that {name} does not have "
+                                  f"(it has {sorted(expected)}); is it a file of another model?")
+        return {col: _check_npz(variables.get(col, {}), shapes, name, strict, target, skip_mismatched, col)
+                for col, shapes in expected.items()}, name
     state_dict = read_state_dict(path)
     name = model or guess_model_name(state_dict)
     if name is None:
         raise ConversionError(f"cannot tell which model {path} belongs to; pass model=...")
     target = create_model(name, **model_overrides)
-    return convert_state_dict(state_dict, target, model_name=name, strict=strict,
-                              skip_mismatched=skip_mismatched), name
+    return convert_variables(state_dict, target, model_name=name, strict=strict,
+                             skip_mismatched=skip_mismatched), name
 
 
-def _check_npz(params, expected, name, strict, model, skip_mismatched=None) -> dict[str, Any]:
+def _check_npz(params, expected, name, strict, model, skip_mismatched=None, collection="params") -> dict[str, Any]:
     flat = traverse_util.flatten_dict(params)
     problems = []
+    what = "parameter" if collection == "params" else f"{collection} entry"
     for path, value in list(flat.items()):
         want = expected.get(path)
         if want is None:
-            problems.append(f"unknown parameter {'/'.join(path)} {value.shape}")
+            problems.append(f"unknown {what} {'/'.join(path)} {value.shape}")
         elif tuple(value.shape) != want:
-            if path == ("pos_embed",):
+            if path == ("pos_embed",) and collection == "params":
                 flat[path] = fit_pos_embed(value, model)
                 continue
             if skip_mismatched and re.search(skip_mismatched, "/".join(path)):
@@ -140,7 +207,7 @@ def _check_npz(params, expected, name, strict, model, skip_mismatched=None) -> d
                 continue
             problems.append(f"{'/'.join(path)}: file {value.shape} vs model {want}")
     if strict:
-        problems += [f"missing parameter {'/'.join(p)} {s}" for p, s in expected.items()
+        problems += [f"missing {what} {'/'.join(p)} {s}" for p, s in expected.items()
                      if p not in flat and not (skip_mismatched and re.search(skip_mismatched, "/".join(p)))]
     if problems:
         raise ConversionError(f"params do not fit {name} ({len(problems)} problem(s)):\n    "

@@ -6,6 +6,11 @@ then matched against the model's own parameter tree, and the layout is fixed by 
 is: a Linen ``kernel`` of a Linear is the transposed PyTorch weight, a conv kernel is
 ``(kh, kw, in, out)``, a LayerNorm ``weight`` becomes ``scale``. Anything left over -- unknown
 keys, missing parameters, mismatched shapes -- is reported together in one error.
+
+Models with BatchNorm (STViT-R's stem) also keep running statistics, the Linen ``batch_stats``
+collection: :func:`convert_variables` maps ``running_mean`` / ``running_var`` there (``mean`` /
+``var``) and returns every collection; :func:`convert_state_dict` returns params only and refuses
+such a model rather than dropping its statistics.
 """
 
 from __future__ import annotations
@@ -33,11 +38,27 @@ class ConversionError(ValueError):
     """A checkpoint that does not fit the target model; the message lists every problem."""
 
 
+# PyTorch BatchNorm buffers -> (Linen collection, leaf).
+STAT_LEAVES = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def expected_variable_shapes(model: nn.Module) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
+    """``{collection: {path: shape}}`` of everything ``model.init`` creates (``params``, and
+    ``batch_stats`` for a BatchNorm model), without allocating it."""
+    images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+    return {col: {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(dict(tree[col])).items()}
+            for col in tree}
+
+
 def expected_param_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat ``{path: shape}`` of the model's parameters, without allocating them."""
-    images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
-    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
+    return expected_variable_shapes(model)["params"]
+
+
+def stateful_collections(model: nn.Module) -> tuple[str, ...]:
+    """Collections besides ``params`` that the model needs to run (e.g. ``("batch_stats",)``)."""
+    return tuple(sorted(set(expected_variable_shapes(model)) - {"params"}))
 
 
 def strip_wrappers(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,10 +117,34 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
     ``strict=False`` parameters absent from the checkpoint are simply left out (e.g. the new
     modules of a sparse variant loading dense weights); unknown keys and shape mismatches always
     raise, except mismatches at paths matching the regex ``skip_mismatched`` (e.g. ``^head/``
-    when fine-tuning to another number of classes), which are left out.
+    when fine-tuning to another number of classes), which are left out. A model with running
+    statistics (BatchNorm) raises: use :func:`convert_variables`, which keeps them.
     """
-    expected = expected_param_shapes(model)
-    converted: dict[tuple[str, ...], np.ndarray] = {}
+    expected = expected_variable_shapes(model)
+    extra = sorted(set(expected) - {"params"})
+    if extra:
+        raise ConversionError(
+            f"{model_name} keeps {', '.join(extra)} (BatchNorm running statistics) besides params; "
+            "convert_state_dict returns params only and would drop them. Use convert_variables(state_dict, "
+            "model) -> {'params': ..., 'batch_stats': ...} (or saitjax.convert.load_variables).")
+    return _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, skip_mismatched)["params"]
+
+
+def convert_variables(state_dict: Mapping[str, Any], model: nn.Module, *, model_name: str = "model",
+                      resize_pos_embed: bool = True, strict: bool = True,
+                      skip_mismatched: str | None = None) -> dict[str, Any]:
+    """Like :func:`convert_state_dict`, returning every collection the model has:
+    ``{"params": ..., "batch_stats": ...}`` (just ``{"params": ...}`` for a model without BatchNorm).
+
+    BatchNorm ``running_mean`` / ``running_var`` become ``batch_stats`` ``mean`` / ``var`` at the
+    module's path; ``num_batches_tracked`` is skipped. ``strict`` covers the statistics too.
+    """
+    expected = expected_variable_shapes(model)
+    return _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, skip_mismatched)
+
+
+def _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, skip_mismatched):
+    converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {col: {} for col in expected}
     unknown, mismatched = [], []
     state_dict = strip_wrappers(state_dict)
     key_map = _key_map(model, list(state_dict))
@@ -111,13 +156,15 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
         for pattern, repl in _renames(model):
             name = re.sub(pattern, repl, name)
         *parent, leaf = name.split(".")
-        target = _target_leaf(tuple(parent), leaf, expected)
-        if target is None:
+        collection, target = STAT_LEAVES.get(leaf, ("params", None))
+        shapes = expected.get(collection, {})
+        target = _target_leaf(tuple(parent), leaf, shapes) if target is None else target
+        if target is None or tuple(parent) + (target,) not in shapes:
             unknown.append(f"{key} {tuple(value.shape)}")
             continue
         path = tuple(parent) + (target,)
         value = _to_linen(value, target)
-        want = expected[path]
+        want = shapes[path]
         if path == ("pos_embed",) and value.shape != want and resize_pos_embed and value.ndim == 3:
             value = fit_pos_embed(value, model)
         if tuple(value.shape) != want:
@@ -125,8 +172,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
                 continue
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {want} at {'/'.join(path)}")
             continue
-        converted[path] = value.astype(np.float32) if value.dtype != np.float32 else value
-    missing = sorted("/".join(p) + f" {expected[p]}" for p in set(expected) - set(converted)
+        converted[collection][path] = value.astype(np.float32) if value.dtype != np.float32 else value
+    missing = sorted(("/".join(p) if col == "params" else f"{col}:{'/'.join(p)}") + f" {shapes[p]}"
+                     for col, shapes in expected.items() for p in set(shapes) - set(converted[col])
                      if not (skip_mismatched and re.search(skip_mismatched, "/".join(p))))
     problems = []
     if mismatched:
@@ -140,11 +188,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, model
             f"checkpoint does not fit {model_name}: " + "; ".join(problems)
             + "\nIs it a checkpoint of another model? Pass the matching --model/model= name "
               "(saitjax.list_models()), or num_classes=... if only the head differs.")
-    return traverse_util.unflatten_dict(converted)
+    return {col: traverse_util.unflatten_dict(flat) for col, flat in converted.items()}
 
 
 def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
-    """Name of a registered DeiT (or Swin) whose backbone shapes match ``state_dict``, if any."""
+    """Name of a registered DeiT (or Swin, STViT-R) whose backbone shapes match ``state_dict``, if any."""
     from saitjax.models.deit import DEIT_SIZES
 
     sd = strip_wrappers(state_dict)
@@ -152,6 +200,10 @@ def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
         from saitjax.models.swin import guess_swin_name
 
         return guess_swin_name(sd)
+    if "cls_token" not in sd and "patch_embed.proj.2.c.weight" in sd:
+        from saitjax.models.stvitr import guess_stvitr_name
+
+        return guess_stvitr_name(sd)
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         return None
     width = int(np.shape(sd["cls_token"])[-1])

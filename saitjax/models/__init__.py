@@ -6,6 +6,7 @@ from saitjax.models import dynamicvit as _dynamicvit  # noqa: F401  (registers D
 from saitjax.models import evit as _evit  # noqa: F401  (registers EViT names)
 from saitjax.models import sait as _sait  # noqa: F401  (registers SaiT names)
 from saitjax.models import stvit as _stvit  # noqa: F401  (registers STViT names)
+from saitjax.models import stvitr as _stvitr  # noqa: F401  (registers STViT-R names)
 from saitjax.models import swin as _swin  # noqa: F401  (registers Swin names)
 from saitjax.models import tome as _tome  # noqa: F401  (registers ToMe names)
 from saitjax.models.registry import create_model, list_models, model_entry, register_model

@@ -5,6 +5,7 @@
 
 ``--src`` may be ``.safetensors`` (no torch needed), ``.pth``/``.pt`` (needs torch) or another
 saitjax ``.npz`` (re-validated, e.g. to resize position embeddings with ``--img-size``).
+BatchNorm running statistics (STViT-R's stem) are converted too and stored beside the params.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 import jax
 import numpy as np
 
-from saitjax.convert import ConversionError, save_params
-from saitjax.convert.io import load_params_and_name
+from saitjax.convert import ConversionError, save_variables
+from saitjax.convert.io import load_variables_and_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
-        params, name = load_params_and_name(args.src, args.model, strict=not args.non_strict,
-                                            **overrides)
-        save_params(args.out, params, model=name, source=args.src, overwrite=args.overwrite, **overrides)
+        variables, name = load_variables_and_name(args.src, args.model, strict=not args.non_strict,
+                                                  **overrides)
+        save_variables(args.out, variables, model=name, source=args.src, overwrite=args.overwrite, **overrides)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    count = sum(np.size(v) for v in jax.tree.leaves(params))
-    print(f"wrote {args.out}: {name}, {count:,} parameters")
+    counts = {col: sum(np.size(v) for v in jax.tree.leaves(tree)) for col, tree in variables.items()}
+    stats = "".join(f", {n:,} {col} values" for col, n in counts.items() if col != "params")
+    print(f"wrote {args.out}: {name}, {counts['params']:,} parameters{stats}")
     return 0
 
 
