@@ -182,6 +182,15 @@ class MetricWriter:
             self._events.scalars(step, values)
             self._events.flush()
 
+    def logged(self, step: int, prefix: str = "") -> bool:
+        """Whether a row at ``step`` with a key starting with ``prefix`` is already recorded (a
+        finished run started again must not record its final evaluation twice)."""
+        if not self._active() or not os.path.exists(self.local_path):
+            return False
+        self._jsonl.flush()
+        return any(r.get("step") == step and any(k.startswith(prefix) for k in r if k not in ("step", "time"))
+                   for r in read_metrics(self.local_path))
+
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. the config) for TensorBoard's text tab; not written to the jsonl."""
         if not self._active() or self._events is None:

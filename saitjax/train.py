@@ -428,9 +428,9 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
     progress = Progress(total_steps, config.batch_size, start_step=start_step)
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
-    def evaluate(step: int) -> dict[str, Any]:
+    def evaluate(step: int, log: bool = True) -> dict[str, Any]:
         with progress.paused():
-            return run.evaluate(state.params, step, writer)
+            return run.evaluate(state.params, step, writer if log else None)
 
     pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host check
     last_checked = start_step
@@ -477,7 +477,8 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
                 break
         ckpt.wait()
     if step == total_steps and not stop.received:
-        results = evaluate(step)
+        # A finished run started again has its final evaluation recorded already.
+        results = evaluate(step, log=not (start_step == total_steps and writer.logged(step, "eval/")))
         if chief:
             from etils import epath
 

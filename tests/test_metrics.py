@@ -57,6 +57,28 @@ def test_resume_appends_and_tolerates_truncated_line(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (3, 0.5)]
 
 
+def test_resume_drops_replayed_rows_in_jsonl_and_tensorboard(tmp_path):
+    """Killed after step 4 with its last checkpoint at step 2: the resumed run writes steps 3 and
+    4 again, and each step is then recorded once, in metrics.jsonl and as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricWriter(str(tmp_path)) as writer:
+        for step in (1, 2, 3, 4):
+            writer.write_scalars(step, {"loss": float(step)}, prefix="train/")
+        writer.write_scalars(2, {"top1": 0.5}, prefix="eval/")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed mid-write
+    with MetricWriter(str(tmp_path), resume_step=2) as writer:
+        for step in (3, 4):
+            writer.write_scalars(step, {"loss": 10.0 + step}, prefix="train/")
+    rows = [(r["step"], r.get("train/loss", r.get("eval/top1"))) for r in read_metrics(str(tmp_path))]
+    assert rows == [(1, 1.0), (2, 2.0), (2, 0.5), (3, 13.0), (4, 14.0)]
+    assert open(tmp_path / "metrics.jsonl").read().endswith("\n")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))  # purges at the resumed run's START event
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
 def test_non_chief_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
     with MetricWriter(str(workdir), is_chief=False) as writer:
@@ -166,3 +188,9 @@ def test_formatting_helpers():
     assert format_duration(float("inf")) == "?"
     assert format_value(0) == "0" and format_value(float("nan")) == "nan"
     assert format_value(0.5) == "0.5" and format_value(2e6) == "2.0e+06"
+
+
+def test_logged_tells_whether_a_step_is_recorded(tmp_path):
+    with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+        writer.write_scalars(8, {"loss": 1.0}, prefix="train/")
+        assert writer.logged(8, "train/") and not writer.logged(8, "eval/") and not writer.logged(7)

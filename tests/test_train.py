@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from saitjax import parallel, train
 from saitjax.checkpointing import CheckpointMismatchError, Checkpointer
+from saitjax.metrics import read_metrics
 
 from train_fixtures import fast_compile, tiny_config, tiny_data
 
@@ -66,6 +67,11 @@ def test_train_evaluate_save_on_8_restore_on_1(tmp_path):
     # --mode eval on the restored checkpoint reproduces the final evaluation
     again = train.evaluate_checkpoint(config, str(tmp_path), data=tiny_data(mesh1, config), mesh=mesh1)
     assert again["dense"]["top1"] == pytest.approx(result["eval"]["dense"]["top1"])
+    # the finished run started again: evaluates, records nothing twice
+    rerun = train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh1, config), mesh=mesh1)
+    assert rerun["step"] == 16 and rerun["eval"]["dense"]["top1"] == pytest.approx(result["eval"]["dense"]["top1"])
+    steps = [(r["step"], "eval" if "eval/top1@dense" in r else "train") for r in read_metrics(str(tmp_path))]
+    assert len(steps) == len(set(steps)) and steps[-1] == (16, "eval")
 
 
 def _worker(*args, env=None):
