@@ -203,6 +203,6 @@ def test_configs_build_and_validate(name, arg):
 
     config = load_config(name, arg)
     assert config.model.startswith("stvit_") and config.method == "supervised"
-    assert (config.teacher == "init") == ("init=" in arg)
+    assert (config.teacher == "init") == ("init=" in arg and "imagenet" in name)
     spec = parse_density(config.eval.densities[2])
     assert spec.rule == "semantic" and spec.semantic_tokens == config.model_kwargs.semantic_tokens
