@@ -29,7 +29,18 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sweep"],
                           "of the latest checkpoint")
 _DISTRIBUTED = flags.DEFINE_boolean("distributed", None,
                                     "call jax.distributed.initialize() (default: auto-detect)")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, "also show the INFO logs of the libraries underneath "
+                                "(orbax's per-save lines, TFDS); saitjax's own progress is always shown")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def set_log_levels(verbose: bool) -> None:
+    """saitjax's own INFO lines (progress, evaluations, checkpoints) always; those of orbax and TFDS
+    (which log through absl's logger: several lines per checkpoint) and JAX's backend probing only
+    with --verbose."""
+    logging.getLogger().setLevel(logging.INFO)
+    for name in ("absl", "jax._src.xla_bridge"):  # the latter: "Unable to initialize backend 'tpu'"
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _fail(message: str) -> int:
@@ -59,7 +70,7 @@ def main(argv: list[str]) -> int:
     from saitjax import parallel
 
     parallel.initialize_distributed(_DISTRIBUTED.value)  # before any other JAX call
-    logging.getLogger().setLevel(logging.INFO)
+    set_log_levels(_VERBOSE.value)
     from saitjax import train
     from saitjax import workdir as workdir_lib
     from saitjax.checkpointing import CheckpointCorruptError, CheckpointMismatchError

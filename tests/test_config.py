@@ -96,3 +96,4 @@ def test_empty_sweep_message_suggests_a_sweep_this_config_accepts(tmp_path):
     fixed = _cli_config("deit_small_imagenet", override.group(1) + override.group(2))  # the shell drops the ''
     validate(fixed)
     assert fixed.eval.sweep and not os.path.exists(tmp_path / "w")
+

@@ -112,3 +112,25 @@ def test_cli_bad_inputs_one_error_line_exit_2_nothing_written(tmp_path):
             assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (fragment, err[-2000:])
             assert "Traceback" not in err, err[-2000:]
     assert _listing(tmp_path) == before
+
+
+def test_library_info_logs_only_with_verbose():
+    """orbax logs through absl's logger: silenced below WARNING unless --verbose; ours stay at INFO."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from saitjax.main import set_log_levels
+
+    saved = {name: logging.getLogger(name).level for name in ("", "absl", "jax._src.xla_bridge")}
+    try:
+        set_log_levels(verbose=False)
+        assert absl_logging.get_absl_logger() is logging.getLogger("absl")
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+        assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("saitjax.train").isEnabledFor(logging.INFO)
+        set_log_levels(verbose=True)
+        assert logging.getLogger("absl").isEnabledFor(logging.INFO)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
