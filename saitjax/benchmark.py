@@ -2,6 +2,11 @@
 
     python -m saitjax.benchmark --model deit_small_patch16_224 --batch-sizes 1,32 --keep 0.7 \
         --vs-timm --json results.jsonl
+    python -m saitjax.benchmark --model stvitr_swin_small_patch4_window7_224 \
+        --baseline swin_small_patch4_window7_224 --batch-sizes 1,32
+
+``--baseline`` times another (dense) model first, so that a method that changes the architecture
+(STViT-R against Swin) is compared with its backbone in the same run.
 
 Protocol (design.md §5): inputs on device; compile first and report compile time apart;
 warm-up calls; then ``--runs`` timed calls, each ending in ``block_until_ready``, *interleaved*
@@ -41,8 +46,8 @@ class Variant:
     """One compiled forward (a model at a spec, or a PyTorch reference) and its timings."""
 
     def __init__(self, label: str, call: Callable[[], Any], compile_s: float, gmacs: float,
-                 gflops_xla: float, spec: str, framework: str = "saitjax"):
-        self.label, self.call, self.compile_s = label, call, compile_s
+                 gflops_xla: float, spec: str, framework: str = "saitjax", model: str | None = None):
+        self.label, self.call, self.compile_s, self.model = label, call, compile_s, model
         self.gmacs, self.gflops_xla, self.spec, self.framework = gmacs, gflops_xla, spec, framework
         self.times: list[float] = []
         self.extra: dict[str, Any] = {}
@@ -53,18 +58,19 @@ class Variant:
         self.times.append(time.perf_counter() - start)
 
 
-def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
+def saitjax_variant(model, variables, images, spec: SparsitySpec, name: str | None = None) -> Variant:
+    """``variables``: every collection the model needs (``params``, BatchNorm ``batch_stats``)."""
     def forward(p, x):
-        logits, aux = model.apply({"params": p}, x, sparsity=spec)
+        logits, aux = model.apply(p, x, sparsity=spec)
         return logits, aux.get("kept_counts", ()), aux.get("capacity")
 
     start = time.perf_counter()
-    compiled = jax.jit(forward).lower(params, images).compile()
+    compiled = jax.jit(forward).lower(variables, images).compile()
     compile_s = time.perf_counter() - start
     gmacs = analytic_gmacs(model, spec) if not spec.is_adaptive else None
     extra: dict[str, Any] = {"gmacs_ideal": gmacs, "gmacs_executed": gmacs}
     if spec.is_adaptive:  # per-image counts: each image's ideal cost, and the capacity it ran in
-        _, counts, capacity = compiled(params, images)
+        _, counts, capacity = compiled(variables, images)
         ideal = float(jnp.mean(per_image_gmacs(model, spec, counts)))
         executed = float(jnp.mean(per_image_gmacs(model, spec, [capacity] * len(counts))))
         gmacs = ideal
@@ -72,8 +78,8 @@ def saitjax_variant(model, params, images, spec: SparsitySpec) -> Variant:
                  "kept_tokens_mean": float(jnp.mean(counts[-1])),
                  "kept_tokens_per_stage": [float(jnp.mean(c)) for c in counts],
                  "capacity_mean": float(jnp.mean(capacity)), "chunks": spec.chunks}
-    variant = Variant(spec.describe(), lambda: jax.block_until_ready(compiled(params, images)), compile_s,
-                      gmacs, xla_flops(compiled) / images.shape[0] / 1e9, spec.describe())
+    variant = Variant(spec.describe(), lambda: jax.block_until_ready(compiled(variables, images)), compile_s,
+                      gmacs, xla_flops(compiled) / images.shape[0] / 1e9, spec.describe(), model=name)
     variant.extra = extra
     return variant
 
@@ -97,24 +103,39 @@ def timm_variant(timm_name: str, images: np.ndarray) -> Variant:
                    "dense", framework="timm-pytorch")
 
 
+def _model_and_variables(name: str, params_path: str | None, seed: int) -> tuple[Any, Any]:
+    model = saitjax.create_model(name)
+    if params_path:
+        return model, saitjax.load_variables(params_path, name)
+    shape = (1, model.img_size, model.img_size, model.in_chans)
+    return model, jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape))
+
+
 def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, runs: int = 10,
         warmup: int = 2, vs_timm: bool = False, params_path: str | None = None, seed: int = 0,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Benchmark ``model_name`` at every batch size; one row per (batch size, variant)."""
-    model = saitjax.create_model(model_name)
+        baseline: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Benchmark ``model_name`` at every batch size; one row per (batch size, variant).
+
+    ``baseline``: a dense model timed first (random weights), the reference of every ratio.
+    """
+    model, variables = _model_and_variables(model_name, params_path, seed)
     for spec in specs:
         spec.check_depth(model.depth)
     shape = (model.img_size, model.img_size, model.in_chans)
-    if params_path:
-        params = saitjax.load_params(params_path, model_name)
-    else:
-        params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1,) + shape))["params"]
+    reference = None
+    if baseline:
+        reference = _model_and_variables(baseline, None, seed)
+        if (reference[0].img_size, reference[0].in_chans) != (model.img_size, model.in_chans):
+            raise ValueError(f"--baseline {baseline} takes {reference[0].img_size} px images, "
+                             f"{model_name} {model.img_size} px: compare models of one input size")
     env = _environment()
     rows = []
     for batch in batch_sizes:
         images_np = np.random.default_rng(seed).normal(size=(batch,) + shape).astype(np.float32)
         images = jax.device_put(images_np)
-        variants = [saitjax_variant(model, params, images, s) for s in specs]
+        variants = [saitjax_variant(model, variables, images, s, model_name) for s in specs]
+        if reference is not None:
+            variants.insert(0, saitjax_variant(*reference, images, SparsitySpec.dense(), baseline))
         if vs_timm:
             timm_name = saitjax.model_entry(model_name).timm_name
             if timm_name is None:
@@ -130,7 +151,7 @@ def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, r
         base_ms = statistics.median(base.times) * 1e3
         for v in variants:
             ms = statistics.median(v.times) * 1e3
-            row = {"model": model_name, "framework": v.framework, "batch_size": batch, "spec": v.spec,
+            row = {"model": v.model or model_name, "framework": v.framework, "batch_size": batch, "spec": v.spec,
                    "img_per_s": batch / ms * 1e3, "ms_per_batch": ms, "compile_s": v.compile_s,
                    "gmacs_analytic": v.gmacs, "gflops_xla": v.gflops_xla,
                    "speedup_vs_first": base_ms / ms, "runs": runs, **env}
@@ -150,7 +171,7 @@ def _format_row(row: dict[str, Any]) -> str:
     if "capacity_mean" in row:
         ratio += (f" (executed {row['executed_flop_ratio_vs_first']:.3f})  kept {row['kept_tokens_mean']:.1f} "
                   f"tokens (mean), capacity {row['capacity_mean']:.1f} (mean, {row['chunks']} chunk(s))")
-    return (f"{row['framework']:12s} bs {row['batch_size']:3d}  {row['spec']:28s} "
+    return (f"{row['model'][:36]:36s} {row['framework']:12s} bs {row['batch_size']:3d}  {row['spec']:28s} "
             f"{row['img_per_s']:8.1f} img/s {row['ms_per_batch']:9.1f} ms  compile {row['compile_s']:5.1f} s  "
             f"{flops}  speedup {row['speedup_vs_first']:.2f}x  {ratio}")
 
@@ -171,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vs-timm", action="store_true", help="also time timm PyTorch (dense)")
+    parser.add_argument("--baseline", default=None,
+                        help="another registered model timed first, dense, as the reference of the "
+                             "ratios (e.g. swin_small_patch4_window7_224 for STViT-R-Swin-S)")
     parser.add_argument("--json", default=None, help="append one JSON object per row to this file")
     args = parser.parse_args(argv)
     try:
@@ -183,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs; "
               f"{_environment()}")
         rows = run(args.model, batch_sizes, specs, runs=args.runs, warmup=args.warmup,
-                   vs_timm=args.vs_timm, params_path=args.params)
+                   vs_timm=args.vs_timm, params_path=args.params, baseline=args.baseline)
     except (SparsityError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

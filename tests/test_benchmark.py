@@ -43,3 +43,17 @@ def test_cli_adaptive_density_reports_measured_counts_and_bucket(tmp_path):
     assert sparse["gmacs_analytic"] == sparse["gmacs_ideal"]
     assert sparse["gmacs_ideal"] <= sparse["gmacs_executed"] + 1e-12 < dense["gmacs_analytic"] + 1e-12
     assert benchmark.main(["--model", "vit_test_patch4_32", "--density", "mass:0.5@1"]) == 2
+
+
+def test_cli_baseline_model_is_the_reference_of_every_ratio(tmp_path, capsys):
+    """An architecture-changing method (STViT here) against its dense backbone, in one run."""
+    out = tmp_path / "rows.jsonl"
+    assert benchmark.main(["--model", "stvit_test_patch4_32", "--baseline", "vit_test_patch4_32",
+                           "--density", "semantic:9@1", "--batch-sizes", "2", "--runs", "2", "--warmup", "1",
+                           "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["model"], r["spec"]) for r in rows] == [
+        ("vit_test_patch4_32", "dense"), ("stvit_test_patch4_32", "dense"), ("stvit_test_patch4_32", "semantic:9@1")]
+    assert rows[1]["flop_ratio_vs_first"] == 1.0 and rows[2]["flop_ratio_vs_first"] < 0.6
+    assert benchmark.main(["--model", "stvit_test_patch4_32", "--baseline", "vit_demo_patch8_64"]) == 2
+    assert "compare models of one input size" in capsys.readouterr().err
