@@ -14,14 +14,17 @@ import jax.numpy as jnp
 
 from saitjax import losses
 from saitjax.flops import per_image_gmacs
+from saitjax.models.variables import as_variables
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
 
 
 def eval_sums(model: Any, params: Any, batch: dict[str, Array], spec: SparsitySpec) -> dict[str, Array]:
-    """Per-batch sums: correct predictions, valid examples, loss, kept patch tokens."""
-    logits, aux = model.apply({"params": params}, batch["image"], sparsity=spec)
+    """Per-batch sums: correct predictions, valid examples, loss, kept patch tokens.
+
+    ``params``: a params tree, or variables with BatchNorm statistics (``as_variables``)."""
+    logits, aux = model.apply(as_variables(params), batch["image"], sparsity=spec)
     valid = batch["valid"].astype(jnp.float32)
     one_hot = jax.nn.one_hot(batch["label"], logits.shape[-1])
     per_example_loss = -jnp.sum(one_hot * jax.nn.log_softmax(logits), axis=-1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from saitjax.evaluate import Evaluator
 from saitjax.flops import analytic_gmacs
+from saitjax.models.variables import as_variables
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
@@ -49,7 +50,7 @@ def forward_fn(model: Any, spec: SparsitySpec):
     """
 
     def forward(params, images):
-        logits, aux = model.apply({"params": params}, images, sparsity=spec)
+        logits, aux = model.apply(as_variables(params), images, sparsity=spec)
         masks = aux.get("keep_masks")
         source = aux["source"]
         if masks:
@@ -65,7 +66,7 @@ def forward_fn(model: Any, spec: SparsitySpec):
 
 def semantic_attention_fn(model: Any, spec: SparsitySpec):
     """Jitted ``(params, images) -> [B, T, N_p]``: STViT's semantic-token attention to the patches."""
-    return jax.jit(lambda params, images: model.apply({"params": params}, images, sparsity=spec)[1][
+    return jax.jit(lambda params, images: model.apply(as_variables(params), images, sparsity=spec)[1][
         "semantic_attention"][-1])
 
 

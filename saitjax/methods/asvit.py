@@ -43,6 +43,7 @@ class ASViTMethod(Method):
     """AS-ViT (learned thresholds, budget loss, logit KD) on an ``asvit_*`` model."""
 
     name = "asvit"
+    supports_model_state = False  # its loss applies the model with params only
     defaults = {
         "base_rate": 0.65,          # FLOPs budget: the fraction of the dense MACs (finetune.sh: 0.65)
         "ratio_weight": 2.0,        # --ratiow

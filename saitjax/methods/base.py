@@ -14,10 +14,13 @@ import jax
 import ml_collections
 
 from saitjax import losses
+from saitjax.models.variables import as_variables
 from saitjax.sparsity import SparsitySpec, parse_density
 
 Array = jax.Array
 Metrics = dict[str, Array]
+# Key of the updated model state (BatchNorm statistics) in the metrics a loss returns.
+MODEL_STATE = "model_state"
 
 
 class Method:
@@ -28,6 +31,8 @@ class Method:
     """
 
     name = "dense"
+    # Whether ``loss`` takes ``model_state`` (models with BatchNorm statistics, e.g. STViT-R).
+    supports_model_state = True
     # Fields a config may set under ``method_kwargs``, with their defaults.
     defaults: dict[str, Any] = {"distill_weight": 0.0, "distill_temperature": 1.0}
 
@@ -70,12 +75,23 @@ class Method:
         return out
 
     def loss(self, params: Any, images: Array, targets: Array, *, spec: SparsitySpec,
-             rng: Array, teacher_params: Any | None) -> tuple[Array, Metrics]:
-        """Scalar loss and metrics for one (mixed) batch; ``targets`` are soft labels ``[B, K]``."""
-        logits, aux = self.model.apply({"params": params}, images, train=True, sparsity=spec,
-                                       rngs={"dropout": rng})
+             rng: Array, teacher_params: Any | None, model_state: dict[str, Any] | None = None
+             ) -> tuple[Array, Metrics]:
+        """Scalar loss and metrics for one (mixed) batch; ``targets`` are soft labels ``[B, K]``.
+
+        ``model_state``: collections the model updates in training (BatchNorm ``batch_stats``);
+        their new values come back in ``metrics[MODEL_STATE]`` for the trainer to keep.
+        """
+        variables = {"params": params, **(model_state or {})}
+        kwargs = dict(train=True, sparsity=spec, rngs={"dropout": rng})
+        if model_state:
+            (logits, aux), new_state = self.model.apply(variables, images, mutable=list(model_state), **kwargs)
+        else:
+            logits, aux = self.model.apply(variables, images, **kwargs)
         loss = losses.soft_cross_entropy(logits, targets)
         metrics = {"loss_cls": loss}
+        if model_state:
+            metrics[MODEL_STATE] = new_state
         if self.uses_teacher:
             teacher_logits = self.teacher_logits(teacher_params, images)
             kd = losses.kl_to_teacher(logits, teacher_logits, self.kw["distill_temperature"])
@@ -84,6 +100,6 @@ class Method:
         return loss, metrics
 
     def teacher_logits(self, teacher_params: Any, images: Array) -> Array:
-        logits, _ = self.model.apply({"params": teacher_params}, images, train=False,
+        logits, _ = self.model.apply(as_variables(teacher_params), images, train=False,
                                      sparsity=SparsitySpec.dense())
         return jax.lax.stop_gradient(logits)

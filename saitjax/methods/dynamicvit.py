@@ -49,6 +49,7 @@ class DynamicViTMethod(Method):
     """DynamicViT (Rao et al. 2021) on a ``dynamicvit_*`` model."""
 
     name = "dynamicvit"
+    supports_model_state = False  # its loss applies the model with params only
     defaults: ClassVar[dict[str, Any]] = {
         "rho": 0.7,                    # keep rho, rho^2, ... of the patch tokens at the locations
         "locations": (3, 6, 9),        # must equal the model's predictor_locations

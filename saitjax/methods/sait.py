@@ -41,6 +41,7 @@ class SaiTMethod(Method):
     """Dense/sparse training with shared weights, logit KD and token-selection KD."""
 
     name = "sait"
+    supports_model_state = False  # its loss applies the model with params only
     defaults: dict[str, Any] = {
         "locations": (3,),  # prune before these blocks (0-based)
         # capacity buckets (fractions of the patch tokens) of adaptive densities at inference
