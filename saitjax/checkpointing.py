@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,6 +36,25 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointCorruptError(RuntimeError):
     """No checkpoint of the workdir can be read."""
+
+
+def _quiet_abandoned_reads(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An ``sys.unraisablehook`` that drops what a failed orbax restore leaves behind and passes
+    everything else on. When one array of a damaged checkpoint cannot be read, orbax abandons the
+    other reads; each reports an "Exception ignored" with its TensorStore spec, or an "Event loop
+    is closed" from a thread: thousands of lines that say nothing the warning does not."""
+    if getattr(previous, "saitjax_quiet_reads", False):
+        return previous
+
+    def hook(unraisable: Any) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        if getattr(obj, "__name__", "") == "_read_array_index_and_device_put" or (
+                isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            return
+        previous(unraisable)
+
+    hook.saitjax_quiet_reads = True
+    return hook
 
 
 def _brief(err: BaseException) -> str:
@@ -104,6 +124,8 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         unreadable = []
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = _quiet_abandoned_reads(previous_hook)
         for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(
@@ -113,9 +135,11 @@ class Checkpointer:
                                 _brief(err))
                 unreadable.append(candidate)
                 continue
-            if unreadable:
+            if unreadable:  # the filter stays: reads abandoned by orbax may still report
                 logging.warning("falling back to step %d, the newest intact checkpoint (unreadable: steps %s)",
                                 candidate, ", ".join(map(str, unreadable)))
+            else:
+                sys.unraisablehook = previous_hook
             return restored["state"], dict(restored["meta"] or {}), candidate
         raise CheckpointCorruptError(
             f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, unreadable))} are "

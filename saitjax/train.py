@@ -454,48 +454,50 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
         progress.update(step, loss=scalars["loss"], lr=fetched[-1]["lr"])
         pending, last_checked = [], step
 
-    results: dict[str, Any] = {}
-    with _StopSignal() as stop:
-        batches = data.train_batches(start_step)
-        step = start_step
-        while step < stop_at:
-            batch = next(batches)
-            spec = method.train_sparsity(step)
-            state, metrics = step_fn(state, batch, teacher_params, spec)
-            step += 1
-            pending.append((step, metrics))
-            if step % config.log_every_steps == 0 or step == stop_at or stop.received:
-                check_and_log(step)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or stop.received:
-                check_and_log(step)  # never save a state whose loss was not checked finite
+    try:  # metrics reach a remote workdir on close, also when training fails
+        results: dict[str, Any] = {}
+        with _StopSignal() as stop:
+            batches = data.train_batches(start_step)
+            step = start_step
+            while step < stop_at:
+                batch = next(batches)
+                spec = method.train_sparsity(step)
+                state, metrics = step_fn(state, batch, teacher_params, spec)
+                step += 1
+                pending.append((step, metrics))
+                if step % config.log_every_steps == 0 or step == stop_at or stop.received:
+                    check_and_log(step)
+                if step % config.checkpoint.every_steps == 0 or step == total_steps or stop.received:
+                    check_and_log(step)  # never save a state whose loss was not checked finite
+                    with progress.paused():
+                        ckpt.save(step, state, meta)
+                        writer.flush()  # a remote workdir gets its metrics copied up here
+                if step % config.eval.every_steps == 0 and step != total_steps and not stop.received:
+                    results = evaluate(step)
+                if stop.received:
+                    break
+            ckpt.wait()
+        if step == total_steps and not stop.received:
+            # A finished run started again has its final evaluation recorded already.
+            results = evaluate(step, log=not (start_step == total_steps and writer.logged(step, "eval/")))
+            if chief:
+                from etils import epath
+
+                export = workdir_lib.join(workdir, "export", f"params_step{step}.npz")
+                if not epath.Path(export).exists():
+                    with workdir_lib.local_file(export) as local:
+                        save_params(local, jax.device_get(state.params), model=config.model,
+                                    method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
+                if config.plot:
+                    from saitjax.viz import plot_training_curves
+
+                    with workdir_lib.local_file(workdir_lib.join(workdir, "training_curves.png")) as local:
+                        plot_training_curves(writer.local_path, local, title=f"{config.model} ({config.method})")
+            if config.eval.sweep:
                 with progress.paused():
-                    ckpt.save(step, state, meta)
-                    writer.flush()  # a remote workdir gets its metrics copied up here
-            if step % config.eval.every_steps == 0 and step != total_steps and not stop.received:
-                results = evaluate(step)
-            if stop.received:
-                break
-        ckpt.wait()
-    if step == total_steps and not stop.received:
-        # A finished run started again has its final evaluation recorded already.
-        results = evaluate(step, log=not (start_step == total_steps and writer.logged(step, "eval/")))
-        if chief:
-            from etils import epath
-
-            export = workdir_lib.join(workdir, "export", f"params_step{step}.npz")
-            if not epath.Path(export).exists():
-                with workdir_lib.local_file(export) as local:
-                    save_params(local, jax.device_get(state.params), model=config.model,
-                                method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
-            if config.plot:
-                from saitjax.viz import plot_training_curves
-
-                with workdir_lib.local_file(workdir_lib.join(workdir, "training_curves.png")) as local:
-                    plot_training_curves(writer.local_path, local, title=f"{config.model} ({config.method})")
-        if config.eval.sweep:
-            with progress.paused():
-                run.sweep(state.params, step)
-    writer.close()
+                    run.sweep(state.params, step)
+    finally:
+        writer.close()
     if stop.received:
         logging.warning("stopped by %s at step %d, checkpoint saved; run the same command to resume",
                         stop.received, step)

@@ -216,6 +216,7 @@ def _damage(step_dir):
         f.truncate(os.path.getsize(largest) // 2)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no orbax leftovers
 def test_damaged_checkpoints_are_named_and_the_newest_intact_one_restored(tmp_path, caplog):
     import logging
 
