@@ -23,11 +23,33 @@ from saitjax import workdir
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything a training step changes. RNGs are derived from (seed, step), not stored."""
+    """Everything a training step changes. RNGs are derived from (seed, step), not stored.
+
+    ``model_state``: non-parameter collections the model updates in training (BatchNorm's
+    ``batch_stats``); empty for most models, and then absent from the checkpoint, so checkpoints
+    of parameter-only models keep the layout they always had.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = struct.field(default_factory=dict)
+
+    def variables(self) -> dict[str, Any]:
+        """What ``model.apply`` takes: ``{"params": ..., **model_state}``."""
+        return {"params": self.params, **self.model_state}
+
+
+def _as_tree(state: TrainState) -> dict[str, Any]:
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.model_state:
+        tree["model_state"] = state.model_state
+    return tree
+
+
+def _from_tree(tree: dict[str, Any]) -> TrainState:
+    return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                      model_state=tree.get("model_state", {}))
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -91,7 +113,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, meta: dict[str, Any], *, force: bool = True) -> bool:
         """Start an (asynchronous) save of ``state`` at ``step``; ``wait()`` to block on it."""
         saved = self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+            state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)), force=force)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -129,7 +151,7 @@ class Checkpointer:
         for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(_as_tree(abstract_state)), meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any way a file can be damaged
                 logging.warning("checkpoint at step %d in %s is unreadable: %s", candidate, self.directory,
                                 _brief(err))
@@ -140,7 +162,7 @@ class Checkpointer:
                                 candidate, ", ".join(map(str, unreadable)))
             else:
                 sys.unraisablehook = previous_hook
-            return restored["state"], dict(restored["meta"] or {}), candidate
+            return _from_tree(restored["state"]), dict(restored["meta"] or {}), candidate
         raise CheckpointCorruptError(
             f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, unreadable))} are "
             "damaged); move them away to start afresh, or use another --workdir")

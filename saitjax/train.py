@@ -25,12 +25,14 @@ from saitjax import config as config_lib
 from saitjax import parallel
 from saitjax import workdir as workdir_lib
 from saitjax.checkpointing import Checkpointer, TrainState, abstract_like, check_meta_compatible
-from saitjax.convert import load_params, save_params
+from saitjax.convert import load_variables, save_variables
 from saitjax.data.mixing import mixup_cutmix
 from saitjax.evaluate import Evaluator
 from saitjax.methods import Method, build_method
+from saitjax.methods.base import MODEL_STATE
 from saitjax.metrics import MetricWriter, Progress
 from saitjax.models import create_model
+from saitjax.models.variables import is_variables, split_variables
 from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
 from saitjax.sparsity import SparsitySpec
 from saitjax.workdir import WorkdirLock
@@ -65,17 +67,22 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule: 
                                        prob=mix.prob)
 
         def loss_fn(params):
+            # models with BatchNorm statistics also get (and give back) their model state
+            stateful = {"model_state": state.model_state} if state.model_state else {}
             return method.loss(params, images, targets, spec=spec, rng=model_rng,
-                               teacher_params=teacher_params)
+                               teacher_params=teacher_params, **stateful)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = dict(metrics)
+        model_state = metrics.pop(MODEL_STATE, state.model_state)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
-                               opt_state=keep_if_finite(opt_state, state.opt_state))
+                               opt_state=keep_if_finite(opt_state, state.opt_state),
+                               model_state=keep_if_finite(model_state, state.model_state))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "finite": finite.astype(jnp.float32)}
         return new_state, metrics
@@ -122,9 +129,13 @@ def load_pretrained(params: Any, path: str, config: ml_collections.ConfigDict) -
 
     Parameters absent from the file (a sparse method's new modules) and the classifier head when
     its shape differs (fine-tuning to another label set) keep their fresh initialisation.
+    ``params`` may also be variables with BatchNorm statistics (``{"params", "batch_stats"}``):
+    the file's statistics replace them likewise.
     """
-    loaded = load_params(path, config.model, strict=False, skip_mismatched=r"^head(_dist)?/",
-                         **dict(config.model_kwargs))
+    loaded = load_variables(path, config.model, strict=False, skip_mismatched=r"^head(_dist)?/",
+                            **dict(config.model_kwargs))
+    if not is_variables(params):
+        loaded = loaded["params"]
     flat = traverse_util.flatten_dict(params)
     new = traverse_util.flatten_dict(loaded)
     fresh = sorted("/".join(k) for k in flat if k not in new)
@@ -236,7 +247,11 @@ class Run:
         self.opt_config = optimizer_config(config, self.total_steps, warmup, steps_per_epoch)
         self.replicated = parallel.replicated(self.mesh)
         self.dummy = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
-        self.params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), self.dummy)["params"])
+        self.params_shape, self.model_state_shape = split_variables(
+            jax.eval_shape(lambda: model.init(jax.random.key(0), self.dummy)))
+        if self.model_state_shape and not self.method.supports_model_state:
+            raise ValueError(f"invalid config: {config.model} keeps {sorted(self.model_state_shape)} (BatchNorm "
+                             f"statistics), which method {config.method!r} does not train; use method='supervised'")
         self.tx, self.schedule = make_optimizer(self.opt_config, self.params_shape)
         # One evaluator per run: its jitted step (one compilation per density) is reused by
         # every periodic evaluation instead of being traced and compiled again each time.
@@ -281,14 +296,16 @@ class Run:
             self.lock.release()
             self.lock = None
 
-    def init_state(self, params: Any) -> TrainState:
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+    def init_state(self, params: Any, model_state: Any = None) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          model_state=model_state or {})
 
     def restore_or_init(self) -> TrainState:
         """The workdir's latest checkpoint, else ``config.init`` weights, else a fresh init."""
         config, model = self.config, self.model
         if self.latest is not None:
-            abstract = abstract_like(jax.eval_shape(self.init_state, self.params_shape), self.replicated)
+            abstract = abstract_like(jax.eval_shape(self.init_state, self.params_shape, self.model_state_shape),
+                                     self.replicated)
             state, _, step = self.ckpt.restore(abstract, self.latest)  # falls back past damaged ones
             if step != self.latest and self.train:  # the damaged ones are in the way of new saves
                 if jax.process_index() == 0:
@@ -303,13 +320,13 @@ class Run:
             self.latest = step
             logging.info("resumed from %s at step %d", self.ckpt.directory, step)
             return state
-        params = jax.jit(lambda k: model.init(k, self.dummy)["params"], out_shardings=self.replicated)(
+        variables = jax.jit(lambda k: model.init(k, self.dummy), out_shardings=self.replicated)(
             jax.random.key(config.seed))
         if config.init:
-            params, fresh = load_pretrained(params, config.init, config)
-            params = parallel.replicate(params, self.mesh)
+            variables, fresh = load_pretrained(variables, config.init, config)
+            variables = parallel.replicate(variables, self.mesh)
             logging.info("initialised from %s; fresh init kept for: %s", config.init, fresh or "nothing")
-        return jax.jit(self.init_state, out_shardings=self.replicated)(params)
+        return jax.jit(self.init_state, out_shardings=self.replicated)(*split_variables(variables))
 
     def jitted_train_step(self, donate: bool = True) -> Callable:
         """``(state, batch, teacher_params, spec) -> (state, metrics)`` with the mesh's shardings.
@@ -326,8 +343,8 @@ class Run:
             return None
         config = self.config
         source = config.init if config.teacher == "init" else config.teacher
-        return parallel.replicate(load_params(source, config.model, strict=False,
-                                              **dict(config.model_kwargs)), self.mesh)
+        variables = load_variables(source, config.model, strict=False, **dict(config.model_kwargs))
+        return parallel.replicate(variables if self.model_state_shape else variables["params"], self.mesh)
 
     def evaluate(self, params: Any, step: int, writer: MetricWriter | None = None) -> dict[str, Any]:
         results = self.evaluator(params, self.data.eval_batches())
@@ -378,7 +395,7 @@ def sweep_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: Any 
                          f"--config.eval.sweep='{example}'")
     run, state = _latest(config, workdir, data, mesh, "sweep")
     try:
-        return run.sweep(state.params, run.latest or 0)
+        return run.sweep(state.variables(), run.latest or 0)
     finally:
         run.close()
 
@@ -388,7 +405,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, data: A
     """``--mode eval``: evaluate the workdir's latest checkpoint at every configured density."""
     run, state = _latest(config, workdir, data, mesh, "evaluate")
     try:
-        return run.evaluate(state.params, run.latest or 0)
+        return run.evaluate(state.variables(), run.latest or 0)
     finally:
         run.close()
 
@@ -430,7 +447,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
 
     def evaluate(step: int, log: bool = True) -> dict[str, Any]:
         with progress.paused():
-            return run.evaluate(state.params, step, writer if log else None)
+            return run.evaluate(state.variables(), step, writer if log else None)
 
     pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host check
     last_checked = start_step
@@ -486,8 +503,8 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
                 export = workdir_lib.join(workdir, "export", f"params_step{step}.npz")
                 if not epath.Path(export).exists():
                     with workdir_lib.local_file(export) as local:
-                        save_params(local, jax.device_get(state.params), model=config.model,
-                                    method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
+                        save_variables(local, jax.device_get(state.variables()), model=config.model,
+                                       method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
                 if config.plot:
                     from saitjax.viz import plot_training_curves
 
@@ -495,7 +512,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
                         plot_training_curves(writer.local_path, local, title=f"{config.model} ({config.method})")
             if config.eval.sweep:
                 with progress.paused():
-                    run.sweep(state.params, step)
+                    run.sweep(state.variables(), step)
     finally:
         writer.close()
     if stop.received:
