@@ -19,21 +19,12 @@ from saitjax.models.dynamicvit import Predictor, predictor_macs
 from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.tools import convert as convert_cli
 
+from model_fixtures import random_params
+
 NAME = "dynamicvit_test_patch4_32"
 SPEC = SparsitySpec.hierarchical(0.7, (1, 2, 3))  # keeps 44, 31, 21 of 64
 
 
-def _init(model, seed=0):
-    """Random params of a test-size model from NumPy (no init compilation: faster on 2 cores)."""
-    images = jnp.zeros((1, model.img_size, model.img_size, 3))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        scale = path[-1].key == "scale"
-        return jnp.asarray(rng.normal(1.0 if scale else 0.0, 0.1 if scale else 0.05, x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _apply(model):
@@ -55,7 +46,7 @@ def _spread_predictors(params, seed=5, scale=0.5):
 def tiny():
     model = saitjax.create_model(NAME)
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    return model, _spread_predictors(_init(model)), images
+    return model, _spread_predictors(random_params(model)), images
 
 
 def test_predictor_param_count_deit_small():
@@ -84,7 +75,7 @@ def test_masked_forward_equals_gathered_forward(distilled, tiny):
     """With the deterministic rule the kept sets agree, so masked and gathered logits agree."""
     if distilled:
         model = saitjax.create_model(NAME, distilled=True)
-        params = _spread_predictors(_init(model))
+        params = _spread_predictors(random_params(model))
     else:
         model, params, _ = tiny
     images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))

@@ -19,29 +19,19 @@ from saitjax.models.swin import SWIN_TEST_GEOMETRY, SwinTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.tools import convert as convert_cli
 
+from model_fixtures import random_params
 from timm_reference import import_timm
 
 NAME = "swin_test_patch4_window4_32"
 SIZES = ("tiny", "small", "base")
 
 
-def _random_params(model, seed=0):
-    """Random params from NumPy (no init compilation: faster on 2 cores)."""
-    images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        scale = path[-1].key == "scale"
-        return jnp.asarray(rng.normal(1.0 if scale else 0.0, 0.1 if scale else 0.05, x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     model = saitjax.create_model(NAME)
-    return model, _random_params(model), jax.jit(model.apply, static_argnames=("train", "sparsity"))
+    return model, random_params(model), jax.jit(model.apply, static_argnames=("train", "sparsity"))
 
 
 # -- window helpers --------------------------------------------------------------------------------
@@ -124,7 +114,7 @@ def test_train_mode_is_stochastic_and_rates_are_linear():
     # two stages (maps 8 and 4) keep the compilation short; dropout and drop-path on every block
     model = saitjax.create_model(NAME, depths=(2, 2), num_heads=(2, 4), drop_path_rate=0.2, drop_rate=0.1)
     assert model.stage_resolutions == (8, 4)
-    params = _random_params(model)
+    params = random_params(model)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
     train = jax.jit(lambda p, rng: model.apply({"params": p}, images, train=True, rngs={"dropout": rng})[0])
     a, b = train(params, jax.random.key(0)), train(params, jax.random.key(1))

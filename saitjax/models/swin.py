@@ -28,7 +28,7 @@ import numpy as np
 
 from saitjax.models import windows as win
 from saitjax.models.registry import register_model
-from saitjax.models.vit import Aux, DropPath, Mlp
+from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -286,16 +286,8 @@ class SwinTransformer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def check_images(self, images: Array) -> None:
-        expected = (self.img_size, self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            hint = ""
-            if images.ndim == 4 and images.shape[1] == self.in_chans and images.shape[3] != self.in_chans:
-                hint = " They look channels-first (NCHW): transpose with images.transpose(0, 2, 3, 1)."
-            elif images.ndim == 4 and images.shape[1] != self.img_size:
-                hint = (f" Resize/crop them to {self.img_size} px, or create the model with img_size="
-                        f"{images.shape[1]} (every stage's map must be a multiple of window_size).")
-            raise ValueError(f"expected images of shape [batch, {', '.join(map(str, expected))}] (NHWC), "
-                             f"got {tuple(images.shape)}.{hint}")
+        check_nhwc_images(images, self.img_size, self.in_chans,
+                          "every stage's map must be a multiple of window_size")
 
     def check_spec(self, spec: SparsitySpec | None) -> None:
         if spec is not None and not spec.is_dense:

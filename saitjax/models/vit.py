@@ -342,19 +342,7 @@ class VisionTransformer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def check_images(self, images: Array) -> None:
-        """Fail at trace time, with the fix, on images of the wrong layout or size."""
-        expected = (self.img_size, self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            hint = ""
-            if images.ndim == 4 and images.shape[1] == self.in_chans and images.shape[3] != self.in_chans:
-                hint = " They look channels-first (NCHW): transpose with images.transpose(0, 2, 3, 1)."
-            elif images.ndim == 4 and images.shape[3] != self.in_chans:
-                hint = f" The model expects {self.in_chans} channels."
-            elif images.ndim == 4:
-                hint = (f" Resize/crop them to {self.img_size} px, or create the model with "
-                        f"img_size={images.shape[1]} (position embeddings are interpolated on load).")
-            raise ValueError(f"expected images of shape [batch, {', '.join(map(str, expected))}] "
-                             f"(NHWC), got {tuple(images.shape)}.{hint}")
+        check_nhwc_images(images, self.img_size, self.in_chans, "position embeddings are interpolated on load")
 
     def embed(self, images: Array, train: bool) -> Array:
         x = self.patch_embed(images.astype(self.dtype))
@@ -492,6 +480,23 @@ class VisionTransformer(nn.Module):
         keep = jnp.concatenate([jnp.ones((scores.shape[0], p), jnp.float32), keep_patches], axis=1)
         return state.replace(keep=keep), {"keep_masks": keep_patches,
                                           "keep_indices": token_ops.batched_gather(state.patch_index, idx)}
+
+
+def check_nhwc_images(images: Array, img_size: int, in_chans: int, size_note: str) -> None:
+    """Fail at trace time, with the fix, on images of the wrong layout or size (every model's
+    first check; ``size_note`` says what another ``img_size`` entails for that model)."""
+    expected = (img_size, img_size, in_chans)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        hint = ""
+        if images.ndim == 4 and images.shape[1] == in_chans and images.shape[3] != in_chans:
+            hint = " They look channels-first (NCHW): transpose with images.transpose(0, 2, 3, 1)."
+        elif images.ndim == 4 and images.shape[3] != in_chans:
+            hint = f" The model expects {in_chans} channels."
+        elif images.ndim == 4:
+            hint = (f" Resize/crop them to {img_size} px, or create the model with "
+                    f"img_size={images.shape[1]} ({size_note}).")
+        raise ValueError(f"expected images of shape [batch, {', '.join(map(str, expected))}] "
+                         f"(NHWC), got {tuple(images.shape)}.{hint}")
 
 
 def append_stage_aux(aux: Aux, stage_aux: Aux) -> None:
