@@ -56,8 +56,13 @@ def test_bucket_capacities_and_bounds():
     spec = SparsitySpec.adaptive("mass", 0.9, min_keep=0.1, max_keep=0.9)
     assert spec.count_bounds(196) == (20, 176)
     caps = spec.bucket_capacities(196)
-    assert caps == (56, 80, 104, 128, 152, 176, 196)[: len(caps)] or caps[-1] >= 176
+    # default buckets 0.25 .. 1.0 of 196 = 49, 73.5, 98, 122.5, 147, 196 -> rounded up to 8
+    # (the full 196 stays); the last one (196) already holds K_max = 176, so nothing is appended
+    assert caps == (56, 80, 104, 128, 152, 196)
     assert list(caps) == sorted(set(caps)) and all(c % 8 == 0 or c == 196 for c in caps)
+    # when the largest bucket is below K_max, K_max itself is appended so every image fits
+    assert SparsitySpec.adaptive("mass", 0.9, min_keep=0.1, max_keep=0.9,
+                                 buckets=(0.25, 0.5)).bucket_capacities(196) == (56, 104, 176)
     assert SparsitySpec.adaptive("mass", 0.9, buckets=(0.5,)).bucket_capacities(196) == (104, 196)
 
 
