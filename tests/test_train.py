@@ -160,10 +160,13 @@ def test_nan_loss_stops_without_checkpointing_the_bad_state(tmp_path):
     config.optim.lr = 1e30  # explodes within a few steps
     config.optim.grad_clip_norm = 0.0
     mesh = parallel.make_mesh()
-    with pytest.raises(train.NonFiniteLossError, match="NaN/inf at step"):
+    # lr 1e30 makes step 3 the first non-finite one (deterministic: fixed seeds and data); the
+    # first scheduled checkpoint (every 4 steps) would be step 4, i.e. already the bad state,
+    # so no checkpoint at all may exist
+    with pytest.raises(train.NonFiniteLossError, match=r"NaN/inf at step 3 .*last checkpoint: step None"):
         train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh, config))
     saved = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
-    assert all(step < 8 for step in saved)
+    assert list(saved) == []
 
 
 def test_config_errors_name_the_field():
