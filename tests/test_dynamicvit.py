@@ -138,6 +138,26 @@ def test_gumbel_decisions_are_hierarchical_and_reach_the_predictors(tiny):
         assert np.isfinite(norm) and norm > 0, (s, norm)
 
 
+def test_gumbel_sampling_follows_train_not_the_rng(tiny):
+    """Sampling is decided by ``train``: training without the ``gumbel`` rng is an error (not a
+    silent fall-back to the deterministic rule), and eval never samples even when an rng is
+    passed (it equals the deterministic masked forward, whatever the key)."""
+    model, params, images = tiny
+    spec = SPEC.with_mode("mask")
+    apply = _apply(model)
+    with pytest.raises(ValueError, match="needs the 'gumbel' rng"):
+        apply({"params": params}, images, train=True, sparsity=spec, rngs={"dropout": jax.random.key(0)})
+    plain, plain_aux = apply({"params": params}, images, train=False, sparsity=spec)
+    for key in (3, 4):
+        out, aux = apply({"params": params}, images, train=False, sparsity=spec,
+                         rngs={"gumbel": jax.random.key(key)})
+        np.testing.assert_array_equal(out, plain)
+        for d, ref in zip(aux["decisions"], plain_aux["decisions"]):
+            np.testing.assert_array_equal(d, ref)
+    # the deterministic rule keeps exactly the scheduled counts; a sample would not (in general)
+    assert [int(n) for n in np.asarray(plain_aux["decisions"][-1]).sum(-1)] == [SPEC.keep_counts(64)[-1]] * 4
+
+
 def optax_norm(tree) -> float:
     return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
 
@@ -254,14 +274,33 @@ def test_predictor_macs_and_dense_spec():
     assert model.extra_macs(spec.with_mode("mask")) == 3 * 196 * predictor_macs(384)
 
 
-@pytest.mark.parametrize("rho, published", [(0.9, 4.0), (0.8, 3.4), (0.7, 2.9)])
-def test_deit_small_gmacs_match_published(rho, published):
-    """Published DynamicViT-DeiT-S GFLOPs (fvcore MACs, predictors included).
+def test_deit_small_rho_07_schedule_is_exact_and_gmacs_near_published():
+    """DynamicViT-DeiT-S at rho=0.7 against the published figure.
 
-    Our count is 4.04 / 3.46 / 2.98: the published figures are these truncated to one decimal
-    (rounding would give 3.5 / 3.0 for 0.8 / 0.7; the backbone alone would give 3.9 for 0.9).
+    Source: DynamicViT README (raoyongming/DynamicViT, model table: DynamicViT-DeiT-S, rho 0.7,
+    79.32 top-1, 2.9 GFLOPs); the same figure on Papers-with-Code (79.3 / 2.9 G). Collected in
+    /work/shared/docs/methods.md (DynamicViT results) and methods-more.md section 8, which also
+    gives the schedule: 137 / 96 / 67 patch tokens kept before blocks 3 / 6 / 9.
+
+    The schedule is checked exactly. The GMACs are compared with a tolerance fixed in advance:
+    |ours - 2.9| <= 0.1 GMACs, because the published figure has one decimal (+-0.05) and the
+    official count does not state how it treats the predictor MLPs (~0.1 GMACs here) and the
+    non-matmul ops. Our count (backbone 2.88 + predictors 0.10 = 2.98) is not rounded or
+    truncated to make it match.
     """
+    model = saitjax.create_model("dynamicvit_deit_small_patch16_224")
+    spec = SparsitySpec.hierarchical(0.7, (3, 6, 9))
+    assert spec.keep_counts(196) == (137, 96, 67)
+    # tokens processed by blocks 0..11, CLS included
+    assert model.token_schedule(spec) == (197,) * 3 + (138,) * 3 + (97,) * 3 + (68,) * 3
+    published, tolerance = 2.9, 0.1
+    gmacs = analytic_gmacs(model, spec)
+    assert abs(gmacs - published) <= tolerance, gmacs
+
+
+@pytest.mark.parametrize("rho, published", [(0.9, 4.0), (0.8, 3.4)])
+def test_deit_small_other_rhos_near_published(rho, published):
+    """Same source and the same advance tolerance (0.1 GMACs) as the rho=0.7 test above."""
     gmacs = analytic_gmacs(saitjax.create_model("dynamicvit_deit_small_patch16_224"),
                            SparsitySpec.hierarchical(rho, (3, 6, 9)))
-    assert math.floor(gmacs * 10) / 10 == published
-    assert 0 <= gmacs - published < 0.1
+    assert abs(gmacs - published) <= 0.1, gmacs

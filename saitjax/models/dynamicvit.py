@@ -3,14 +3,15 @@
 A light MLP ("PredictorLG") before each pruning stage scores the current patch tokens from a
 local half of their features and the mean of a global half over the tokens still kept.
 
-* Training (spec mode ``mask``, ``rngs={"gumbel": ...}``): hard Gumbel-softmax decisions,
+* Training (``train=True``, spec mode ``mask``, ``rngs={"gumbel": ...}``): hard Gumbel-softmax decisions,
   multiplied by the previous stage's (a dropped token stays dropped). All tokens stay in the
   sequence; ``state.keep`` carries the straight-through decisions into the multiplicative masked
   attention, which is how the predictors receive gradient.
 * Inference (mode ``gather``): each predictor scores the current, already reduced tokens; the
   static ``floor(N * rho^s)`` best by keep log-probability are gathered.
-* Mode ``mask`` without a ``gumbel`` rng applies the inference rule as a mask, so a masked
-  forward equals the gathered one (the correctness check of both paths).
+* Mode ``mask`` with ``train=False`` applies the inference rule as a mask (even if a ``gumbel``
+  rng is passed), so a masked forward equals the gathered one (the correctness check of both
+  paths). ``train=True`` in mode ``mask`` without a ``gumbel`` rng is an error.
 
 Parameter names: backbone as in :mod:`saitjax.models.vit`; predictors ``predictor_{s}`` with
 ``in_norm`` (LayerNorm eps 1e-5), ``in_fc`` (C->C), ``out_fc1`` (C->C/2), ``out_fc2``
@@ -138,7 +139,14 @@ class DynamicViT(VisionTransformer):
         if spec.mode == "gather":
             return self.keep_top(state, scores, k, "gather")
         prefix = jnp.ones((b, p), jnp.float32)
-        if self.has_rng("gumbel"):
+        # Sampling follows ``train``, never whether an rng happens to be passed: a training
+        # forward without the rng would otherwise silently fall back to the deterministic rule.
+        if train and not self.has_rng("gumbel"):
+            raise ValueError(
+                f"{type(self).__name__} training (train=True, mode 'mask') samples Gumbel keep decisions "
+                "and needs the 'gumbel' rng: pass rngs={'gumbel': key, ...} to apply "
+                "(or train=False for the deterministic inference rule)")
+        if train:
             hard = token_ops.gumbel_softmax_hard(self.make_rng("gumbel"), logp, self.gumbel_tau)[..., 0]
             decisions = hard * prev  # hierarchical; straight-through values
             keep_mask = jax.lax.stop_gradient(decisions)
