@@ -17,6 +17,7 @@ from saitjax.methods import build_method
 from saitjax.methods.sait import token_selection_kd
 from saitjax.models import create_model
 
+from model_fixtures import random_params
 from train_fixtures import tiny_config, tiny_data
 
 
@@ -107,6 +108,42 @@ def test_loss_sums_dense_and_sparse_terms():
     dense_loss, dense_metrics = method.loss(params, images, targets, spec=spec.dense(), rng=jax.random.key(2),
                                             teacher_params=None)
     assert set(dense_metrics) == {"loss_dense"}
+
+
+def test_token_selection_kd_trains_the_blocks_before_the_pruning_location():
+    """SaiT's core claim: token-selection KD teaches the EARLY blocks to score tokens.
+
+    The TIS at a pruning location is computed from the CLS attention of the blocks before it, and
+    the KD target (the dense pass's last-block CLS attention) is held fixed (stop-gradient). So
+    the term alone must send gradient into blocks_0 (before location 1) and none into the blocks
+    at or after the location or the head: if the scores were detached, or the target were not,
+    this test fails. The method's own loss is used with every other weight at 0, so the wiring
+    (dense_aux["cls_attn"], aux["token_scores"], aux["keep_masks"]) is the one training uses.
+    """
+    zero = {f"method_kwargs.{k}": 0.0 for k in ("dense_weight", "sparse_weight", "distill_weight")}
+    # a fixed-count density keeps the compiled step small (one static shape, no bucket switch)
+    method = _method(**zero, **{"method_kwargs.token_distill_weight": 1.0,
+                                "method_kwargs.densities": ("topk:0.5",)})
+    assert method.locations == (1,)
+    model = method.model
+    images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    targets = jax.nn.one_hot(jnp.array([0, 1, 2, 3]), 4)
+    params = random_params(model)
+    spec = method.sparse_specs[0]
+
+    @jax.jit
+    def grad_and_metrics(p):
+        return jax.grad(lambda q: method.loss(q, images, targets, spec=spec, rng=jax.random.key(2),
+                                              teacher_params=None), has_aux=True)(p)
+
+    grads, metrics = grad_and_metrics(params)
+    assert float(metrics["loss_token_kd"]) > 0
+    norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
+    assert np.isfinite(norm(grads["blocks_0"])) and norm(grads["blocks_0"]) > 0
+    later = [name for name in grads if name.startswith("blocks_") and int(name.split("_")[1]) >= 1]
+    assert later, sorted(grads)
+    for name in later + [n for n in grads if "head" in n]:
+        assert norm(grads[name]) == 0, (name, norm(grads[name]))
 
 
 def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
