@@ -79,6 +79,17 @@ def _quiet_abandoned_reads(previous: Callable[[Any], Any]) -> Callable[[Any], An
     return hook
 
 
+class _AbandonedReadLogFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for the reads orbax abandons when a
+    damaged checkpoint fails (the same leftovers :func:`_quiet_abandoned_reads` silences)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_read_array_index_and_device_put" not in record.getMessage()
+
+
+_ASYNCIO_FILTER = _AbandonedReadLogFilter()
+
+
 def _brief(err: BaseException) -> str:
     """The first line of an error (orbax/TensorStore errors run to many lines), type included."""
     lines = str(err).strip().splitlines() or [""]
@@ -148,6 +159,7 @@ class Checkpointer:
         unreadable = []
         previous_hook = sys.unraisablehook
         sys.unraisablehook = _quiet_abandoned_reads(previous_hook)
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)  # idempotent; the filter is that narrow
         for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(

@@ -385,6 +385,9 @@ def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,
     block). Options
     ``,chunks=4`` (adaptive rules: sorted micro-batches) follow the main part.
     """
+    if not isinstance(text, str):
+        raise SparsityError(f"density {text!r} is a {type(text).__name__}, not a string: write each density as "
+                            "a string, e.g. 'dense', 'topk:0.7' or 'mass:0.9@3'")
     text = text.strip()
     if text in ("dense", "skip"):
         return SparsitySpec.dense()

@@ -34,7 +34,7 @@ from saitjax.metrics import MetricWriter, Progress
 from saitjax.models import create_model
 from saitjax.models.variables import is_variables, split_variables
 from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
-from saitjax.sparsity import SparsitySpec
+from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.workdir import WorkdirLock
 
 
@@ -141,6 +141,24 @@ def load_pretrained(params: Any, path: str, config: ml_collections.ConfigDict) -
     fresh = sorted("/".join(k) for k in flat if k not in new)
     flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in new.items()})
     return traverse_util.unflatten_dict(flat), fresh
+
+
+def check_densities(model: Any, method: Method, config: ml_collections.ConfigDict) -> None:
+    """Refuse, before anything runs, an eval/sweep density the model cannot run (with its reason),
+    instead of failing at the first evaluation after hours of training."""
+    for field in ("densities", "sweep"):
+        texts = tuple(config.eval[field])
+        try:
+            specs = method.eval_densities(texts)
+        except SparsityError as err:
+            raise ValueError(f"invalid config: eval.{field}: {err}") from None
+        for label, spec in specs:
+            try:
+                spec.check_depth(model.depth)
+                model.check_spec(spec)
+            except SparsityError as err:
+                raise ValueError(f"invalid config: eval.{field} has {label!r}, which {config.model} cannot "
+                                 f"run: {err}") from None
 
 
 class _StopSignal:
@@ -256,6 +274,7 @@ class Run:
         # One evaluator per run: its jitted step (one compilation per density) is reused by
         # every periodic evaluation instead of being traced and compiled again each time.
         self.evaluator = Evaluator(model, self.method.eval_densities())
+        check_densities(model, self.method, config)
         # Only now, with the config and data known good, look at the workdir: read it first, and
         # only a training run, once it owns the workdir, writes to it (an evaluation never does).
         self.ckpt = Checkpointer(workdir_lib.join(workdir, "checkpoints"),

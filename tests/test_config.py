@@ -97,3 +97,22 @@ def test_empty_sweep_message_suggests_a_sweep_this_config_accepts(tmp_path):
     validate(fixed)
     assert fixed.eval.sweep and not os.path.exists(tmp_path / "w")
 
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval.densities", ("dense", 0.7), "is a float, not a string"),
+    ("eval.densities", ("mass:0.8@1",), "'mass' needs a model of the sait_\\* family"),
+    ("eval.sweep", ("dense", "topk:0.5@9"), "do not fit a 4-block model"),
+])
+def test_densities_the_model_cannot_run_are_refused_before_training(tmp_path, field, value, message):
+    """The real reason, at start-up: not a trace-time error at the first evaluation."""
+    import jax
+
+    from saitjax import parallel
+    from train_fixtures import tiny_data
+
+    config = tiny_config(**{field: value})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match=message):
+        train.Run(config, str(tmp_path / "w"), data=tiny_data(mesh, config), mesh=mesh)
+    assert not (tmp_path / "w").exists()

@@ -115,3 +115,39 @@ def test_missing_file_and_unknown_format(tmp_path):
     bad.write_bytes(b"x")
     with pytest.raises(ConversionError, match="unknown checkpoint format"):
         load_params(str(bad), "vit_test_patch4_32")
+
+
+def _damaged_files(tmp_path):
+    """``{name: (path, words the error must contain)}`` of files the converter cannot use."""
+    from safetensors.numpy import save_file
+
+    save_file({"cls_token": np.zeros((1, 1, 32), np.float32)}, str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip archive")
+    files = {"truncated safetensors": (tmp_path / "truncated.safetensors", "truncated"),
+             "garbage npz": (tmp_path / "garbage.npz", "not a readable saitjax .npz")}
+    try:
+        import torch
+    except ImportError:
+        return files
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")  # a pickled module
+    (tmp_path / "garbage.pth").write_bytes(b"garbage")
+    files["pickled module"] = (tmp_path / "module.pth", "state_dict()")
+    files["garbage pth"] = (tmp_path / "garbage.pth", "cannot be read as tensors only")
+    return files
+
+
+def test_damaged_or_unsafe_checkpoints_get_one_error_line_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "out.npz"
+    for name, (path, words) in _damaged_files(tmp_path).items():
+        assert convert_cli.main(["--src", str(path), "--model", "vit_test_patch4_32", "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (name, err)
+        assert "weights_only=False" not in err and "allow_pickle" not in err, name  # never advise unsafe loads
+        assert not out.exists()
+    (tmp_path / "a_file").write_text("x")  # output under a file
+    under = tmp_path / "a_file" / "out.npz"
+    assert convert_cli.main(["--src", str(tmp_path / "ok.safetensors"), "--model", "vit_test_patch4_32",
+                             "--non-strict", "--out", str(under)]) == 2
+    assert "a_file is a file, not a directory" in capsys.readouterr().err

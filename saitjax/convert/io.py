@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -40,6 +41,15 @@ def _unwrap(obj: Any) -> dict[str, Any]:
     return dict(obj)
 
 
+def _torch_load_cause(err: BaseException) -> str:
+    """The reason a ``weights_only`` load failed, without torch's advice to load it unsafely."""
+    for pattern in (r"WeightsUnpickler error: (.+?)(?: Please use|$)", r"(Unsupported operand \d+)"):
+        found = re.search(pattern, str(err), re.M)
+        if found and found.group(1).strip():
+            return found.group(1).strip()
+    return type(err).__name__
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Flat ``{name: array}`` from a PyTorch or safetensors checkpoint file."""
     if not os.path.isfile(path):
@@ -47,14 +57,25 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file is not usable
+            raise ConversionError(f"{path} is not a readable .safetensors file ({err}); it is truncated or "
+                                  "not a safetensors file: download or export it again") from None
     if path.endswith(TORCH_SUFFIXES):
         try:
             import torch
         except ImportError as err:
             raise ImportError(f"reading {path} needs PyTorch: pip install 'saitjax[torch]', or convert "
                               "the checkpoint to .safetensors, which needs no torch") from err
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+            raise ConversionError(
+                f"{path} cannot be read as tensors only ({_torch_load_cause(err)}). It holds "
+                "Python objects (a whole nn.Module, an optimizer, custom classes) or is damaged. Save the "
+                "weights alone with torch.save(model.state_dict(), path), or export them to .safetensors"
+            ) from None
         return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in _unwrap(obj).items() if hasattr(v, "numpy")}
     raise ConversionError(f"unknown checkpoint format {path!r}: expected .safetensors, "
@@ -90,11 +111,23 @@ def save_variables(path: str, variables: Mapping[str, Any], *, model: str, overw
     from saitjax import __version__
 
     flat[META_KEY] = np.asarray(json.dumps({"model": model, "saitjax_version": __version__, **meta}))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    blocker = next((d for d in _ancestors(parent) if os.path.exists(d) and not os.path.isdir(d)), None)
+    if blocker is not None:
+        raise ValueError(f"cannot write {path}: {blocker} is a file, not a directory; choose another path")
+    os.makedirs(parent, exist_ok=True)
     tmp = path[: -len(".npz")] + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written file under `path`
     return path
+
+
+def _ancestors(directory: str) -> list[str]:
+    """``directory`` and every folder above it, top first."""
+    out = [directory]
+    while os.path.dirname(out[-1]) != out[-1]:
+        out.append(os.path.dirname(out[-1]))
+    return out[::-1]
 
 
 def read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,6 +138,17 @@ def read_npz(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def read_npz_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({collection: nested tree}, metadata)`` from a saitjax ``.npz``; always has ``params``."""
+    try:
+        return _read_npz_variables(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        cause = "it holds pickled objects, not arrays" if "pickle" in str(err) else f"{type(err).__name__}: {err}"
+        raise ConversionError(f"{path} is not a readable saitjax .npz ({cause}); it is truncated or not "
+                              "a saitjax .npz: export or convert it again") from None
+
+
+def _read_npz_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data[META_KEY])) if META_KEY in data else {}
         others = set(meta.get("collections", ())) - {"params"}
