@@ -14,3 +14,5 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that takes more than ~30 s on 2 CPU cores")
     config.addinivalue_line("markers", "torch: needs PyTorch (and timm) for parity with a reference")
+    config.addinivalue_line("markers", "extended: full-size parity and 224 px trainer runs, outside the default "
+                                       "run (pytest.ini deselects them; run with: pytest -m extended)")

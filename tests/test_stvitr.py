@@ -293,7 +293,7 @@ def test_parity_with_the_reference_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.torch
-@pytest.mark.slow
+@pytest.mark.extended  # full width / full size: pytest -m extended
 def test_parity_with_16_tokens_per_window_and_global_init():
     """``sample_window_size=4`` (the paper's 16 per window; local attention on 4x4 groups of an 8x8
     grid) with ``use_global=True`` (``layers.2.semantic_token2`` on the first update's queries)."""
@@ -309,7 +309,7 @@ def test_parity_with_16_tokens_per_window_and_global_init():
 
 
 @pytest.mark.torch
-@pytest.mark.slow
+@pytest.mark.extended  # full width / full size: pytest -m extended
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_parity_at_full_width(size):
     """Swin-T (one group) and Swin-S (three groups) layouts at full width, random weights: logits

@@ -247,7 +247,7 @@ def test_official_layout_converts_identically(tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.slow
+@pytest.mark.extended  # full width / full size: pytest -m extended
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"])
 def test_parity_with_timm_224(name):
     """timm.create_model(name) with random weights: logits within 1e-4 (measured 8e-7 / 1e-6); ~15 s each."""

@@ -11,6 +11,7 @@ from saitjax import parallel, train
 from saitjax.checkpointing import Checkpointer, TrainState, abstract_like
 from saitjax.convert import load_variables
 from saitjax.data.arrays import ArrayData
+from saitjax.sparsity import SparsitySpec
 
 from train_fixtures import fast_compile, tiny_arrays, tiny_config
 
@@ -31,7 +32,7 @@ def _data(mesh, config):
                      eval_batch_size=config.eval.batch_size, mesh=mesh, seed=config.seed)
 
 
-@pytest.mark.slow  # ~50 s on 2 cores: a 224 px model through the whole trainer
+@pytest.mark.extended  # ~45 s on 2 cores: a 224 px model through the whole trainer
 def test_batch_stats_train_checkpoint_resume_and_export(tmp_path):
     mesh = parallel.make_mesh(jax.devices()[:2])
     config = _config(train_steps=2)
@@ -81,3 +82,35 @@ def test_checkpoint_layout_gains_model_state_only_when_there_is_one(tmp_path):
     on_disk = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "plain" / "3" / "state"))
     tree = getattr(on_disk, "item_metadata", on_disk)
     assert set(getattr(tree, "tree", tree)) == {"step", "params", "opt_state"}
+
+
+def test_train_step_updates_batch_stats_and_keeps_them_for_non_finite_steps():
+    """The step's plumbing on a two-layer BatchNorm model: statistics move with a finite step and
+    stay with a non-finite one (like the params)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+
+    from saitjax.methods.base import Method
+
+    class TinyBN(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train=False, sparsity=None):
+            x = nn.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1)[:, :6])
+            return nn.Dense(4)(x), {}
+
+    config = tiny_config()
+    model = TinyBN()
+    images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3)) + 2.0
+    variables = model.init(jax.random.key(1), images)
+    tx = optax.sgd(0.1)
+    state = TrainState(step=jnp.int32(0), params=variables["params"], opt_state=tx.init(variables["params"]),
+                       model_state={"batch_stats": variables["batch_stats"]})
+    step = jax.jit(train.make_train_step(Method(config, model), tx, lambda s: 0.1, config, 4), static_argnums=3)
+    batch = {"image": images, "label": jnp.arange(8) % 4}
+    new, metrics = step(state, batch, None, SparsitySpec.dense())
+    mean = new.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+    assert float(metrics["finite"]) == 1.0 and float(jnp.abs(mean).min()) > 0.0  # moved from zeros
+    bad, metrics = step(new, {**batch, "image": images * jnp.nan}, None, SparsitySpec.dense())
+    assert float(metrics["finite"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, bad.model_state, new.model_state)
