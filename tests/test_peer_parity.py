@@ -60,7 +60,8 @@ def _both_sides(checkpoints, timm_name: str, method: str, tmp_path, path: str | 
 
 
 @pytest.mark.parametrize("timm_name", NAMES)
-@pytest.mark.parametrize("r, prop_attn", [(0, True), (13, True), (13, False), (16, True)])
+@pytest.mark.parametrize("r, prop_attn", [pytest.param(0, True, marks=pytest.mark.extended), (13, True), (13, False),
+                                          pytest.param(16, True, marks=pytest.mark.extended)])
 def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, prop_attn):
     import tome_reference
 
@@ -74,7 +75,8 @@ def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, 
 
 
 @pytest.mark.parametrize("timm_name", NAMES)
-@pytest.mark.parametrize("keep_rate, fuse", [(0.7, True), (0.7, False), (0.5, True), (1.0, True)])
+@pytest.mark.parametrize("keep_rate, fuse", [(0.7, True), (0.7, False), pytest.param(0.5, True, marks=pytest.mark.extended),
+                                              pytest.param(1.0, True, marks=pytest.mark.extended)])
 def test_evit_matches_the_official_forward(checkpoints, tmp_path, timm_name, keep_rate, fuse):
     import evit_reference
 
