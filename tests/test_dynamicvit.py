@@ -279,7 +279,7 @@ def test_deit_small_rho_07_schedule_is_exact_and_gmacs_near_published():
 
     Source: DynamicViT README (raoyongming/DynamicViT, model table: DynamicViT-DeiT-S, rho 0.7,
     79.32 top-1, 2.9 GFLOPs); the same figure on Papers-with-Code (79.3 / 2.9 G). Collected in
-    /work/shared/docs/methods.md (DynamicViT results) and methods-more.md section 8, which also
+    shared/docs/methods.md (DynamicViT results) and methods-more.md section 8, which also
     gives the schedule: 137 / 96 / 67 patch tokens kept before blocks 3 / 6 / 9.
 
     The schedule is checked exactly. The GMACs are compared with a tolerance fixed in advance:
