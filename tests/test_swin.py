@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import saitjax
 from saitjax.convert import ConversionError, convert_state_dict, guess_model_name, load_params
 from saitjax.flops import analytic_gmacs
-from saitjax.models import windows as win
+from saitjax.models import token_ops
 from saitjax.models.swin import SWIN_TEST_GEOMETRY, SwinTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.tools import convert as convert_cli
@@ -38,16 +38,16 @@ def tiny():
 
 def test_window_partition_round_trip_and_order():
     x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
-    windows = win.window_partition(x, 4)
+    windows = token_ops.window_partition(x, 4)
     assert windows.shape == (2, 4, 4, 4, 3)
     np.testing.assert_array_equal(windows[:, 1], x[:, 0:4, 4:8])  # windows row-major: top-right second
     np.testing.assert_array_equal(windows[:, 2], x[:, 4:8, 0:4])
-    np.testing.assert_array_equal(win.window_reverse(windows, 8, 8), x)
+    np.testing.assert_array_equal(token_ops.window_reverse(windows, 8, 8), x)
 
 
 def test_relative_position_index_is_the_offset_table_row():
     w = 3
-    index = win.relative_position_index(w)
+    index = token_ops.relative_position_index(w)
     for i in range(w * w):
         for j in range(w * w):
             dy, dx = i // w - j // w, i % w - j % w
@@ -56,14 +56,14 @@ def test_relative_position_index_is_the_offset_table_row():
 
 
 def test_shifted_window_mask_separates_wrapped_regions():
-    assert win.shifted_window_mask(8, 4, 0) is None
-    mask = win.shifted_window_mask(8, 4, 2)
+    assert token_ops.shifted_window_mask(8, 4, 0) is None
+    mask = token_ops.shifted_window_mask(8, 4, 2)
     assert mask.shape == (4, 16, 16) and set(np.unique(mask)) == {0.0, -100.0}
     assert not mask[0].any()  # the top-left window holds one region only
     # bottom-right window: 4 regions of 2x2 tokens; a token sees only the 4 of its own region
     np.testing.assert_array_equal((mask[3] == 0).sum(axis=1), np.full(16, 4))
-    assert win.effective_window(7, 7, 3) == (7, 0) and win.effective_window(2, 4, 2) == (2, 0)
-    assert win.effective_window(14, 7, 3) == (7, 3)
+    assert token_ops.effective_window(7, 7, 3) == (7, 0) and token_ops.effective_window(2, 4, 2) == (2, 0)
+    assert token_ops.effective_window(14, 7, 3) == (7, 3)
 
 
 # -- model -----------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saitjax.models import windows as win
 from saitjax.models.registry import register_model
 from saitjax.models.swin import LN_EPS, SWIN_SIZES, PatchMerging, SwinBlock, SwinTransformer
+from saitjax.models import token_ops
 from saitjax.models.token_ops import adaptive_max_pool
 from saitjax.models.vit import Aux, DropPath, Mlp
 
@@ -125,9 +125,9 @@ class SemanticBlock(nn.Module):
             if context is not None:
                 raise ValueError("a local SemanticBlock attends within its own tokens; got a context")
             s, side = self.local_window, math.isqrt(n)
-            groups = win.window_partition(y.reshape(b, side, side, c), s).reshape(b, -1, s * s, c)
+            groups = token_ops.window_partition(y.reshape(b, side, side, c), s).reshape(b, -1, s * s, c)
             out, probs = attn(groups, groups, train)
-            out = win.window_reverse(out.reshape(b, -1, s, s, c), side, side).reshape(b, n, c)
+            out = token_ops.window_reverse(out.reshape(b, -1, s, s, c), side, side).reshape(b, n, c)
         else:
             out, probs = attn(y, y if context is None else norm1(context), train)
         x = x + drop_path(_layer_scale(self, "layer_scale_1", c, self.layer_scale_init) * out, train)
@@ -163,7 +163,7 @@ class SemanticGeneration(nn.Module):
         b, r, _, c = x.shape
         w, s = self.window_size, self.sample_window_size
         n, ns = r // w, s * s
-        pooled = adaptive_max_pool(win.window_partition(x, w).reshape(b * n * n, w, w, c), s, s)
+        pooled = adaptive_max_pool(token_ops.window_partition(x, w).reshape(b * n * n, w, w, c), s, s)
         pooled = pooled.reshape(b, n * n, ns, c)
         starts, k = neighbourhood_starts(r, w, self.neighbourhood_size), min(self.neighbourhood_size, r)
         near = jnp.stack([x[:, r0:r0 + k, c0:c0 + k] for r0 in starts for c0 in starts], axis=1)
@@ -292,7 +292,7 @@ class STViTRSwin(SwinTransformer):
     @property
     def semantic_window(self) -> int:
         """Window side the semantic tokens are pooled from (the stage-3 window)."""
-        return win.effective_window(self.stage_resolutions[2], self.window_size, 0)[0]
+        return token_ops.effective_window(self.stage_resolutions[2], self.window_size, 0)[0]
 
     @property
     def num_semantic_tokens(self) -> int:

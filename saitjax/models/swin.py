@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saitjax.models import windows as win
+from saitjax.models import token_ops
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
 from saitjax.sparsity import SparsityError, SparsitySpec
@@ -57,7 +57,7 @@ class WindowAttention(nn.Module):
         if n != w * w:
             raise ValueError(f"WindowAttention(window_size={w}) got windows of {n} tokens, expected {w * w}")
         table = self.param("relative_position_bias_table", _dense_init, ((2 * w - 1) ** 2, h))
-        bias = table[win.relative_position_index(w).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
+        bias = table[token_ops.relative_position_index(w).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
         qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
         q, k, v = qkv.reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)  # each [B, nW, H, N, d]
         logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
@@ -74,7 +74,7 @@ class SwinBlock(nn.Module):
     """Pre-norm Swin block on a ``[B, H, W, C]`` map: (shifted-)window attention, then the MLP.
 
     ``window_size`` and ``shift_size`` are the ones actually used (see
-    :func:`saitjax.models.windows.effective_window`); the map side must be a multiple of the window.
+    :func:`saitjax.models.token_ops.effective_window`); the map side must be a multiple of the window.
     """
 
     num_heads: int
@@ -94,13 +94,13 @@ class SwinBlock(nn.Module):
             raise ValueError(f"SwinBlock: a {height}x{width} map is not square or not a multiple of window_size={w}")
         drop_path = DropPath(self.drop_path_rate)
         y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
-        y = win.cyclic_shift(y, -s)
-        windows = win.window_partition(y, w)
+        y = token_ops.cyclic_shift(y, -s)
+        windows = token_ops.window_partition(y, w)
         nw = windows.shape[1]
-        mask = win.shifted_window_mask(height, w, s)
+        mask = token_ops.shifted_window_mask(height, w, s)
         y = WindowAttention(self.num_heads, w, self.qkv_bias, self.drop_rate, self.dtype, name="attn")(
             windows.reshape(b, nw, w * w, c), mask, train)
-        y = win.cyclic_shift(win.window_reverse(y.reshape(b, nw, w, w, c), height, width), s)
+        y = token_ops.cyclic_shift(token_ops.window_reverse(y.reshape(b, nw, w, w, c), height, width), s)
         x = x + drop_path(y, train)
         y = Mlp(self.mlp_ratio, self.drop_rate, self.dtype, name="mlp")(
             nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm2")(x), train)
@@ -142,7 +142,7 @@ class SwinStage(nn.Module):
         if self.downsample:
             x = PatchMerging(dtype=self.dtype, name="downsample")(x)
         for j, rate in enumerate(self.drop_path_rates):
-            w, s = win.effective_window(self.resolution, self.window_size, self.window_size // 2 if j % 2 else 0)
+            w, s = token_ops.effective_window(self.resolution, self.window_size, self.window_size // 2 if j % 2 else 0)
             x = SwinBlock(self.num_heads, w, s, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate, self.dtype,
                           name=f"blocks_{j}")(x, train)
         return x
@@ -320,7 +320,7 @@ class SwinTransformer(nn.Module):
         window summed, MLP ``2 r N C^2``."""
         r, c = self.stage_resolutions[i], self.stage_dims[i]
         n = r * r
-        w, _ = win.effective_window(r, self.window_size, 0)
+        w, _ = token_ops.effective_window(r, self.window_size, 0)
         merge = n * 4 * (c // 2) * c if i > 0 else 0
         block = 4 * n * c * c + 2 * n * w * w * c + 2 * self.mlp_ratio * n * c * c
         return float(merge + self.depths[i] * block)
