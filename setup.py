@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # nbclient/nbformat/ipykernel: the test suite executes experiments/quickstart.ipynb.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     # PyTorch-based conversion of .pth checkpoints, and parity tests/benchmarks against timm.
     # timm itself is installed with --no-deps (README): it pins torchvision, which has no CPU
     # build on every index, and its DeiT models never use it.

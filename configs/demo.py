@@ -48,3 +48,11 @@ def get_config(arg: str | None = None):
     c.eval.sweep = SWEEP
     c.eval.sweep_batch_sizes = (1, 32)
     return finalize(c)
+
+
+def get_sweep(hyper):
+    """Three seeds of the demo, for its spread (README); about 30 min on 2 CPU cores:
+
+    python -m saitjax.launch --config configs/demo.py --workdir /tmp/saitjax_demo_seeds
+    """
+    return hyper.sweep("config.seed", [0, 1, 2])

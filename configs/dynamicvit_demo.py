@@ -8,7 +8,8 @@ First train the dense model (about 6 minutes), then fine-tune it with predictors
         --workdir /tmp/dynamicvit_demo
 
 The dense weights are also the frozen distillation teacher. Evaluated at "dense" and at the
-trained schedule "topk:0.7@1/2/3". Data and augmentation are those of configs/demo_dense.py.
+trained schedule "topk:0.7@1/2/3", both also timed at the end (a density sweep). Data and
+augmentation are those of configs/demo_dense.py.
 
 Arguments: init (required), epochs, batch, lr (predictors), backbone_lr_mult, rho, data_dir,
 dataset.
@@ -39,4 +40,14 @@ def get_config(arg: str | None = None):
 
     locs = "/".join(map(str, LOCATIONS))
     c.eval.densities = ("dense", f"topk:{a.rho:g}@{locs}")
+    c.eval.sweep = c.eval.densities  # at the end: img/s, pictures of the kept tokens
     return finalize(c)
+
+
+def get_sweep(hyper):
+    """ρ ∈ {0.5, 0.7, 0.9} from the dense demo model on 2-epoch schedules (README table):
+
+    python -m saitjax.launch --config configs/dynamicvit_demo.py:init=/tmp/demo_dense/export/params_step1560.npz \\
+        --workdir /tmp/dynamicvit_rho_sweep
+    """
+    return hyper.product([hyper.fixed("arg.epochs", 2.0), hyper.sweep("arg.rho", [0.5, 0.7, 0.9])])

@@ -10,7 +10,7 @@ little more than twice the analytic one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -74,6 +74,19 @@ def per_image_gmacs(model: Any, spec: SparsitySpec, stage_counts: Sequence[Any])
     each image ran in for the executed cost. Works on NumPy and JAX arrays (inside jit too).
     """
     return (_model_macs(model, model.block_token_counts(spec, stage_counts), spec) + _extra_macs(model, spec)) / 1e9
+
+
+def density_cost(model: Any, spec: SparsitySpec, result: Mapping[str, Any]) -> dict[str, float]:
+    """Cost of one evaluated density: GMACs ideal and executed, and the fraction of patch tokens
+    left after the last stage. Per-image rules take them from the evaluator's ``result`` (the
+    mean of each image's cost, and of the capacity it ran in); fixed counts cost the same for
+    every image, so the analytic figure is both."""
+    static, final_tokens = None, model.num_patches
+    if not spec.is_adaptive:
+        static = analytic_gmacs(model, spec)
+        final_tokens = model.block_token_counts(spec)[-1][1] - model.num_prefix_tokens
+    return {"gmacs": result.get("gmacs", static), "gmacs_executed": result.get("gmacs_executed", static),
+            "kept_fraction": result.get("kept_fraction", final_tokens / model.num_patches)}
 
 
 def _extra_macs(model: Any, spec: SparsitySpec | None) -> float:

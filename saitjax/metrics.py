@@ -191,6 +191,14 @@ class MetricWriter:
         return any(r.get("step") == step and any(k.startswith(prefix) for k in r if k not in ("step", "time"))
                    for r in read_metrics(self.local_path))
 
+    def last_value(self, key: str) -> float | None:
+        """The latest value recorded for ``key`` (after the rows a resume dropped), or None."""
+        if not self._active() or not os.path.exists(self.local_path):
+            return None
+        self._jsonl.flush()
+        values = [r[key] for r in read_metrics(self.local_path) if isinstance(r.get(key), (int, float))]
+        return float(values[-1]) if values else None
+
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. the config) for TensorBoard's text tab; not written to the jsonl."""
         if not self._active() or self._events is None:

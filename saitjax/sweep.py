@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from saitjax.evaluate import Evaluator
-from saitjax.flops import analytic_gmacs
+from saitjax.flops import density_cost
 from saitjax.models.variables import as_variables
+from saitjax.run_results import standard_error
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
@@ -113,16 +114,8 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
         r = results[label]
         stages = len(spec.locations) if not spec.is_dense and not spec.in_block else 0
         fractions = [r.get(f"kept_fraction_s{s}", 1.0) for s in range(stages)]
-        # Fixed counts cost the same for every image; per-image counts report the mean of each
-        # image's ideal cost and of the capacity it actually ran in.
-        static, final_tokens = None, model.num_patches
-        if not spec.is_adaptive:
-            static = analytic_gmacs(model, spec)
-            final_tokens = model.block_token_counts(spec)[-1][1] - model.num_prefix_tokens
-        row = {"density": label, "top1": r["top1"], "loss": r["loss"],
-               "kept_fraction": r.get("kept_fraction", final_tokens / model.num_patches),
-               "stage_kept_fractions": fractions,
-               "gmacs": r.get("gmacs", static), "gmacs_executed": r.get("gmacs_executed", static)}
+        row = {"density": label, "top1": r["top1"], "loss": r["loss"], "count": r["count"],
+               **density_cost(model, spec, r), "stage_kept_fractions": fractions}
         row["kept_tokens"] = row["kept_fraction"] * model.num_patches
         for key in ("kept_object", "kept_background", "capacity", "count_histogram"):
             if key in r:
@@ -169,14 +162,16 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
 
 
 def sweep_table(rows: list[dict[str, Any]], timing_batch_sizes: Sequence[int] = (1, 32)) -> str:
-    """Markdown table of a sweep (one row per density)."""
+    """Markdown table of a sweep (one row per density); top-1 with its standard error over the
+    test images, which says which differences between rows are noise."""
     speed_cols = "".join(f" img/s bs{bs} (speedup) |" for bs in timing_batch_sizes)
     has_object = any("kept_object" in r for r in rows)
-    header = ("| density | top-1 | Δ top-1 | kept tokens (mean) | GMACs ideal | GMACs executed | FLOP ratio (executed) |"
+    header = ("| density | top-1 ± SE | Δ top-1 | kept tokens (mean) | GMACs ideal | GMACs executed | FLOP ratio (executed) |"
               + (" object kept | background kept |" if has_object else "") + speed_cols)
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['density']} | {100 * r['top1']:.2f} % | {100 * r['top1_delta']:+.2f} | "
+        se = f" ± {100 * standard_error(r['top1'], r['count']):.2f}" if "count" in r else ""
+        line = (f"| {r['density']} | {100 * r['top1']:.2f}{se} % | {100 * r['top1_delta']:+.2f} | "
                 f"{r['kept_tokens']:.1f} | {r['gmacs']:.4f} | {r['gmacs_executed']:.4f} | {r['gmacs_ratio']:.3f} |")
         if has_object:
             obj, bg = r.get("kept_object"), r.get("kept_background")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import signal
+import time
 from typing import Any, Callable
 
 import jax
@@ -23,11 +24,13 @@ from flax import traverse_util
 
 from saitjax import config as config_lib
 from saitjax import parallel
+from saitjax import run_results
 from saitjax import workdir as workdir_lib
 from saitjax.checkpointing import Checkpointer, TrainState, abstract_like, check_meta_compatible
 from saitjax.convert import load_variables, save_variables
 from saitjax.data.mixing import mixup_cutmix
 from saitjax.evaluate import Evaluator
+from saitjax.flops import density_cost
 from saitjax.methods import Method, build_method
 from saitjax.methods.base import MODEL_STATE
 from saitjax.metrics import MetricWriter, Progress
@@ -159,6 +162,17 @@ def check_densities(model: Any, method: Method, config: ml_collections.ConfigDic
             except SparsityError as err:
                 raise ValueError(f"invalid config: eval.{field} has {label!r}, which {config.model} cannot "
                                  f"run: {err}") from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every check of a config that needs neither its data, nor its workdir, nor a device: fields,
+    model, method, densities, input files. A training sweep runs it on each of its runs before
+    starting any of them."""
+    config_lib.validate(config)
+    model = create_model(config.model, **dict(config.model_kwargs))
+    method = build_method(config, model)
+    check_densities(model, method, config)
+    _check_input_files(config, resuming=False)
 
 
 class _StopSignal:
@@ -376,6 +390,14 @@ class Run:
         return results
 
 
+    def write_results(self, results: dict[str, Any], step: int, wall_time_s: float,
+                      sweep_rows: list[dict[str, Any]]) -> None:
+        """``workdir/results.json``: the final evaluation with its costs (and the sweep's img/s)."""
+        costs = {label: density_cost(self.model, spec, results[label]) for label, spec in self.evaluator.densities}
+        record = run_results.run_record(results, costs, step=step, model=self.config.model,
+                                        method=self.config.method, wall_time_s=wall_time_s, sweep_rows=sweep_rows)
+        run_results.write_record(workdir_lib.join(self.workdir, run_results.RESULTS_FILE), record)
+
     def sweep(self, params: Any, step: int) -> list[dict[str, Any]]:
         """The density sweep of ``config.eval.sweep`` into ``workdir/sweep_step{step}/``."""
         from saitjax.sweep import run_sweep, sweep_table
@@ -461,6 +483,12 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
 
     step_fn = run.jitted_train_step()
     writer = MetricWriter(workdir, is_chief=chief, resume_step=start_step if start_step > 0 else None)
+    # Wall time of the whole run, over every resume: what this session adds to what was logged.
+    wall_before, session_start = (writer.last_value("train/wall_time_s") or 0.0), time.perf_counter()
+
+    def wall_time() -> float:
+        return wall_before + time.perf_counter() - session_start
+
     progress = Progress(total_steps, config.batch_size, start_step=start_step)
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -486,7 +514,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
         # average each key over the steps that have it.
         keys = sorted({k for m in fetched for k in m} - {"finite"})
         scalars = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
-        writer.write_scalars(step, scalars, prefix="train/")
+        writer.write_scalars(step, {**scalars, "wall_time_s": wall_time()}, prefix="train/")
         progress.update(step, loss=scalars["loss"], lr=fetched[-1]["lr"])
         pending, last_checked = [], step
 
@@ -529,9 +557,14 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
 
                     with workdir_lib.local_file(workdir_lib.join(workdir, "training_curves.png")) as local:
                         plot_training_curves(writer.local_path, local, title=f"{config.model} ({config.method})")
+            sweep_rows = []
             if config.eval.sweep:
                 with progress.paused():
-                    run.sweep(state.variables(), step)
+                    sweep_rows = run.sweep(state.variables(), step)
+            # Last: its presence marks the run finished (a training sweep skips it); a finished
+            # run started again keeps the record of the session that trained it.
+            if chief and (start_step < total_steps or run_results.read_record(workdir) is None):
+                run.write_results(results, step, wall_time(), sweep_rows)
     finally:
         writer.close()
     if stop.received:

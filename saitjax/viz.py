@@ -151,16 +151,46 @@ def plot_training_curves(metrics: list[dict] | str, out_png: str, *,
     return _save(fig, out_png)
 
 
+def _error_bar(row: dict, y: str) -> float:
+    """What the bar around ``row[y]`` shows: ``{y}_err`` when given (e.g. sd over seeds), else
+    ``{y}_se``, else, for a top-1 in [0, 1] measured on ``count`` images, its binomial standard error."""
+    for key in (f"{y}_err", f"{y}_se"):
+        value = _float_or_none(row.get(key))
+        if value is not None:
+            return value
+    value, count = _float_or_none(row.get(y)), _float_or_none(row.get("count"))
+    if value is not None and count and 0.0 <= value <= 1.0:
+        return float(np.sqrt(value * (1.0 - value) / count))
+    return 0.0
+
+
+def frontier(points: Sequence[tuple[float, float]], cost_is_lower_better: bool = True) -> list[int]:
+    """Indices of the points no cheaper point beats, sorted by cost (the Pareto frontier of
+    accuracy against cost). Points off it are drawn but not joined: joining every point in cost
+    order turns measurement noise into a zigzag that reads as a trend."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0] if cost_is_lower_better else -points[i][0],
+                                                       -points[i][1]))
+    kept, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            kept.append(i)
+            best = points[i][1]
+    return kept
+
+
 def _pareto_panel(ax, rows: Sequence[dict], x: str, y: str, label: str, group: str | None,
                   dense_y: float | None) -> None:
     groups: dict[Any, list[dict]] = {}
     for row in rows:
         groups.setdefault(row.get(group) if group else None, []).append(row)
+    cheaper_is_better = x != "img_per_s"  # throughput: more is better
     for name, members in groups.items():
-        members = sorted(members, key=lambda r: r[x])
         xs = [float(r[x]) for r in members]
         ys = [float(r[y]) for r in members]
-        ax.plot(xs, ys, marker="o", label=None if name is None else str(name))
+        bars = ax.errorbar(xs, ys, yerr=[_error_bar(r, y) for r in members], fmt="o", capsize=3,
+                           label=None if name is None else str(name))
+        best = frontier(list(zip(xs, ys)), cheaper_is_better)
+        ax.plot([xs[i] for i in best], [ys[i] for i in best], "-", color=bars[0].get_color(), alpha=0.6)
         for row, xv, yv in zip(members, xs, ys):
             if label in row:
                 ax.annotate(str(row[label]), (xv, yv), textcoords="offset points",
@@ -171,22 +201,27 @@ def _pareto_panel(ax, rows: Sequence[dict], x: str, y: str, label: str, group: s
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def plot_pareto(rows: list[dict], out_png: str, *, x: str = "gflops", y: str = "top1",
-                label: str = "spec", title: str | None = None, group: str | None = None) -> str:
+                label: str = "spec", title: str | None = None, group: str | None = None,
+                reference_line: bool = True) -> str:
     """Accuracy vs compute of a density sweep, plus accuracy vs ``img_per_s`` when measured.
 
-    Each point is annotated with ``row[label]``; the dashed line marks the accuracy of the
-    densest point (largest ``x``), i.e. what pruning is trading away. ``group`` (optional)
-    names a key that splits the rows into separate lines, e.g. one per pruning rule.
+    Each point is annotated with ``row[label]`` and carries an error bar (:func:`_error_bar`:
+    ±1 standard error over the test images unless the row gives its own); a line joins only the
+    :func:`frontier` (the points no cheaper point beats). The dashed line marks the accuracy of
+    the densest point (largest ``x``), i.e. what pruning trades away (``reference_line=False``:
+    none, e.g. for several runs with a dense point each). ``group`` (optional) names a key that
+    splits the rows into separate series, e.g. one per pruning rule.
     """
     points = [r for r in rows if _float_or_none(r.get(x)) is not None
               and _float_or_none(r.get(y)) is not None]
     if not points:
         raise ValueError(f"no row has both {x!r} and {y!r}")
-    dense_y = float(max(points, key=lambda r: float(r[x]))[y])
+    dense_y = float(max(points, key=lambda r: float(r[x]))[y]) if reference_line else None
     speed = [r for r in points if _float_or_none(r.get("img_per_s")) is not None]
     panels = 2 if speed and x != "img_per_s" else 1
     fig = Figure(figsize=(5.5 * panels, 4.2), dpi=100, layout="constrained")

@@ -73,7 +73,7 @@ def test_batch_one_keeps_exactly_the_tokens_above_the_threshold(setup):
     assert pruned_somewhere, "the thresholds should prune some tokens of these images"
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("chunks", [1, pytest.param(2, marks=pytest.mark.extended), 4])  # 2: ~10 s, between 1 and 4
 def test_an_image_gives_the_same_logits_alone_and_in_any_batch(setup, chunks):
     model, params, images = setup
     spec = model.default_sparsity().with_chunks(chunks)

@@ -32,7 +32,7 @@ def test_effective_chunks_divide_the_batch():
     assert effective_chunks(7, 4) == 1 and effective_chunks(8, 16) == 8
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("chunks", [1, pytest.param(2, marks=pytest.mark.extended), 4])  # 2: ~10 s, between 1 and 4
 def test_micro_batches_give_the_logits_of_each_image_alone(setup, chunks):
     model, params, images = setup
     spec = parse_density(f"mass:0.85@1/2,chunks={chunks}", buckets=BUCKETS)

@@ -43,6 +43,7 @@ def test_typed_config_arguments():
         parse_arg("batch=3.5", batch=8)
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_demo_config_trains_on_generated_tiny_dataset(tmp_path):
     """The demo recipe on `saitjax_shapes/tiny` with the real TFDS pipeline, 8 devices, resumed."""
     config = load_config("demo", f"dataset=saitjax_shapes/tiny,data_dir={tmp_path / 'tfds'},batch=32")
@@ -52,6 +53,7 @@ def test_demo_config_trains_on_generated_tiny_dataset(tmp_path):
     config.train_steps = 6
     config.checkpoint.every_steps = 3
     config.eval.batch_size = 48  # does not divide the 128 test images: exact eval pads
+    config.eval.sweep = ("dense", "mass:0.8")  # the demo's six: ~20 s more, tested in test_method_sait
     config.lock()
     workdir = str(tmp_path / "run")
     first = train.train_and_evaluate(config, workdir, max_steps=3)

@@ -72,6 +72,7 @@ def test_threshold_gradients_move_the_kept_count_toward_the_budget(base_rate, di
     assert np.sign(float(gmacs_after) - float(gmacs)) == direction  # fewer kept tokens over budget, more under
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_asvit_trains_its_thresholds_in_the_trainer(tmp_path):
     mesh = parallel.make_mesh()
     dense = saitjax.create_model("vit_test_patch4_32", num_classes=4)

@@ -152,6 +152,7 @@ def test_eval_densities_use_the_method_locations():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_trains_on_eight_devices_from_a_dense_teacher(tmp_path):
     """A few steps on 8 devices, initialised from (and distilled by) a dense .npz; then evaluation."""
     assert jax.device_count() == 8

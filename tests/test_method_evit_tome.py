@@ -13,6 +13,7 @@ from saitjax.convert import save_params
 from train_fixtures import load_config, tiny_config, tiny_data
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_evit_warmup_compiles_once_per_quantised_rate(tmp_path):
     # 64 examples / batch 16 = 4 steps per epoch; the rate falls from 1 to 0.7 over 3 epochs
     config = tiny_config(model="evit_test_patch4_32", method="evit", train_steps=16)
@@ -37,6 +38,7 @@ def test_evit_warmup_compiles_once_per_quantised_rate(tmp_path):
     run.ckpt.close()
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_tome_trains_with_merging_and_evaluates_off_the_shelf(tmp_path):
     mesh = parallel.make_mesh()
     dense_config = tiny_config()

@@ -146,6 +146,7 @@ def test_token_selection_kd_trains_the_blocks_before_the_pruning_location():
         assert norm(grads[name]) == 0, (name, norm(grads[name]))
 
 
+@pytest.mark.usefixtures("fast_xla")
 def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
     config = sait_config(**{"eval.densities": ("dense", "mass:0.8"),
                             "eval.sweep": ("dense", "mass:0.8", "topk:0.5"),

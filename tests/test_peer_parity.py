@@ -59,9 +59,18 @@ def _both_sides(checkpoints, timm_name: str, method: str, tmp_path, path: str | 
     return reference, images, x, model, saitjax.load_params(str(npz), model_name)
 
 
-@pytest.mark.parametrize("timm_name", NAMES)
-@pytest.mark.parametrize("r, prop_attn", [pytest.param(0, True, marks=pytest.mark.extended), (13, True), (13, False),
-                                          pytest.param(16, True, marks=pytest.mark.extended)])
+def _cases(default: list[tuple], extended: list[tuple]) -> list:
+    """Parity cases: ``default`` in every run, ``extended`` only with ``-m extended`` (each case
+    costs a 224 px PyTorch and JAX forward, ~10 s on 2 cores)."""
+    return [*default, *(pytest.param(*case, marks=pytest.mark.extended) for case in extended)]
+
+
+PLAIN, DISTILLED = NAMES
+
+
+@pytest.mark.parametrize("timm_name, r, prop_attn", _cases(
+    [(PLAIN, 13, True), (PLAIN, 13, False), (DISTILLED, 13, True)],
+    [(DISTILLED, 13, False), (PLAIN, 0, True), (DISTILLED, 0, True), (PLAIN, 16, True), (DISTILLED, 16, True)]))
 def test_tome_matches_the_official_forward(checkpoints, tmp_path, timm_name, r, prop_attn):
     import tome_reference
 
@@ -96,8 +105,8 @@ def test_evit_matches_the_official_forward(checkpoints, tmp_path, timm_name, kee
 ASVIT_THRESHOLDS = (0.8 / 196, 1.0 / 196, 1.2 / 196)
 
 
-@pytest.mark.parametrize("timm_name", NAMES)
-@pytest.mark.parametrize("batch_rule", ["image", "mean"])
+@pytest.mark.parametrize("timm_name, batch_rule", _cases(
+    [(PLAIN, "image"), (PLAIN, "mean"), (DISTILLED, "image")], [(DISTILLED, "mean")]))
 def test_asvit_matches_the_official_forward(checkpoints, tmp_path, timm_name, batch_rule):
     """Official-layout checkpoint (thresholds as 0-d tensors) -> convert CLI -> same logits and kept sets.
 

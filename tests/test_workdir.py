@@ -117,7 +117,7 @@ def test_gs_workdir_end_to_end_through_epath_and_orbax(gs_bucket, tmp_path):
     assert gs_bucket.managers and all(d == "gs://bucket/run/checkpoints" for d in gs_bucket.managers)
     local = tmp_path / "gcs" / "bucket" / "run"
     assert sorted(os.listdir(local)) == ["LOCK", "checkpoints", "config.json", "export", "metrics.jsonl",
-                                         "tensorboard", "training_curves.png"]
+                                         "results.json", "tensorboard", "training_curves.png"]
     assert json.loads((local / "LOCK").read_text())["released"] is True  # the lease, given back
     assert os.listdir(local / "checkpoints") == ["2"]
     assert [r["step"] for r in read_metrics(str(local / "metrics.jsonl"))] == [2, 2]  # train, eval
