@@ -192,7 +192,7 @@ def _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, 
 
 
 def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
-    """Name of a registered DeiT (or Swin, STViT-R) whose backbone shapes match ``state_dict``, if any."""
+    """Name of a registered DeiT (or Swin, STViT-R, ConvNeXt) whose backbone shapes match ``state_dict``, if any."""
     from saitjax.models.deit import DEIT_SIZES
 
     sd = strip_wrappers(state_dict)
@@ -200,6 +200,10 @@ def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
         from saitjax.models.swin import guess_swin_name
 
         return guess_swin_name(sd)
+    if "stem.0.weight" in sd or "downsample_layers.0.0.weight" in sd:  # timm / official ConvNeXt
+        from saitjax.models.convnext import guess_convnext_name
+
+        return guess_convnext_name(sd)
     if "cls_token" not in sd and "patch_embed.proj.2.c.weight" in sd:
         from saitjax.models.stvitr import guess_stvitr_name
 

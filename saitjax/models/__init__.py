@@ -1,6 +1,7 @@
 """Linen models. Importing this package registers every model."""
 
 from saitjax.models import asvit as _asvit  # noqa: F401  (registers AS-ViT names)
+from saitjax.models import convnext as _convnext  # noqa: F401  (registers ConvNeXt names)
 from saitjax.models import deit as _deit  # noqa: F401  (registers DeiT/ViT names)
 from saitjax.models import dynamicvit as _dynamicvit  # noqa: F401  (registers DynamicViT names)
 from saitjax.models import evit as _evit  # noqa: F401  (registers EViT names)

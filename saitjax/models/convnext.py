@@ -1,0 +1,323 @@
+"""ConvNeXt (Liu et al., CVPR 2022, "A ConvNet for the 2020s"): a dense convolutional backbone.
+
+Built as timm (>= 0.9) builds ``convnext_{tiny,small,base}``, with Linen paths close to timm's keys:
+``stem/{conv,norm}`` (Conv 4x4 stride 4, LayerNorm), ``stages_{i}/downsample/{norm,conv}`` (at the
+*start* of stage ``i > 0``: LayerNorm, Conv 2x2 stride 2), ``stages_{i}/blocks_{j}/{conv_dw,norm,
+mlp/{fc1,fc2},gamma}``, then ``norm`` and ``head`` (global average pool -> LayerNorm -> Linear).
+
+Details that decide parity with timm and the official code: every LayerNorm is channels-last with
+eps 1e-6, the depthwise conv is 7x7 with padding 3 (``feature_group_count=C``), the GELU is exact,
+the layer scale ``gamma`` multiplies the MLP output before drop path, and the head norm runs on
+the *pooled* vector (timm's default ``head_norm_first=False``).
+
+Like :class:`saitjax.models.swin.SwinTransformer`, subclasses swap pieces through
+:meth:`ConvNeXt.build_stem`, :meth:`ConvNeXt.build_stage`, :meth:`ConvNeXt.run_stage` and the FLOP
+hooks :meth:`ConvNeXt.stem_macs` / :meth:`ConvNeXt.stage_macs`, without copying the forward.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saitjax.models.registry import register_model
+from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
+from saitjax.sparsity import SparsityError, SparsitySpec
+
+Array = jax.Array
+
+LN_EPS = 1e-6
+_dense_init = nn.initializers.truncated_normal(0.02)  # timm: trunc_normal_(std=.02) on convs and linears
+
+
+class ConvNeXtBlock(nn.Module):
+    """``x + drop_path(gamma * MLP(LN(dwconv(x))))`` on a ``[B, H, W, C]`` map (timm's channels-last path)."""
+
+    kernel_size: int = 7
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = 1e-6
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        c, k = x.shape[-1], self.kernel_size
+        y = nn.Conv(c, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), feature_group_count=c,
+                    dtype=self.dtype, kernel_init=_dense_init, name="conv_dw")(x)
+        y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(y)
+        y = Mlp(self.mlp_ratio, 0.0, self.dtype, name="mlp")(y, train)
+        if self.ls_init_value is not None:
+            gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value), (c,))
+            y = y * gamma.astype(y.dtype)
+        return x + DropPath(self.drop_path_rate)(y, train)
+
+
+class ConvNeXtDownsample(nn.Module):
+    """Halve the map: LayerNorm then Conv 2x2 stride 2, ``[B, H, W, C]`` -> ``[B, H/2, W/2, out_dim]``."""
+
+    out_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(x)
+        return nn.Conv(self.out_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                       kernel_init=_dense_init, name="conv")(x)
+
+
+class ConvNeXtStem(nn.Module):
+    """Patchify stem: Conv ``p x p`` stride ``p`` then LayerNorm, ``[B, H, W, 3]`` -> ``[B, H/p, W/p, C]``."""
+
+    patch_size: int
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        p = self.patch_size
+        x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, kernel_init=_dense_init,
+                    name="conv")(images)
+        return nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(x)
+
+
+class ConvNeXtStage(nn.Module):
+    """One stage: optional downsample to ``dim``, then ``len(drop_path_rates)`` blocks."""
+
+    dim: int
+    drop_path_rates: Sequence[float]
+    downsample: bool = False
+    kernel_size: int = 7
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if self.downsample:
+            x = ConvNeXtDownsample(self.dim, self.dtype, name="downsample")(x)
+        for j, rate in enumerate(self.drop_path_rates):
+            x = ConvNeXtBlock(self.kernel_size, self.mlp_ratio, self.ls_init_value, rate, self.dtype,
+                              name=f"blocks_{j}")(x, train)
+        return x
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt classifier returning ``(logits, aux)``; dense only.
+
+    ``aux``: ``features`` (tuple of the four stage outputs ``[B, H_i, W_i, C_i]``, NHWC, in order,
+    before the head norm: what detection/segmentation necks and a later token-sparse variant read),
+    ``tokens`` (the last map flattened, ``[B, H_4*W_4, C_4]``; ConvNeXt norms only the pooled
+    vector, so these are un-normed), and empty ``keep_masks`` / ``keep_indices`` (nothing is pruned).
+    """
+
+    num_classes: int = 1000
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    depths: Sequence[int] = (3, 3, 9, 3)
+    dims: Sequence[int] = (96, 192, 384, 768)
+    kernel_size: int = 7
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = 1e-6
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    # timm keys -> Linen paths (the official facebookresearch layout is first renamed onto timm's
+    # by checkpoint_key_map). Conv/Linear layouts and LayerNorm weight -> scale are the converter's.
+    checkpoint_renames = ((r"^stem\.0\.", "stem.conv."), (r"^stem\.1\.", "stem.norm."),
+                          (r"^stages\.(\d+)\.", r"stages_\1."), (r"\.downsample\.0\.", ".downsample.norm."),
+                          (r"\.downsample\.1\.", ".downsample.conv."), (r"\.blocks\.(\d+)\.", r".blocks_\1."),
+                          (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head."))
+
+    # -- static geometry (the zoo's attributes) -----------------------------------------------
+
+    distilled = False
+    num_prefix_tokens = 0
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def depth(self) -> int:
+        """All blocks of all stages."""
+        return sum(self.depths)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dims[0]
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Positions after the stem (56x56 = 3136 at 224 px)."""
+        return self.grid_size ** 2
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        return tuple(self.dims)
+
+    @property
+    def stage_resolutions(self) -> tuple[int, ...]:
+        """Map side of each stage's output (after its downsample)."""
+        return tuple(self.grid_size // 2 ** i for i in range(self.num_stages))
+
+    @property
+    def num_features(self) -> int:
+        return self.dims[-1]
+
+    def default_sparsity(self) -> SparsitySpec:
+        return SparsitySpec.dense()
+
+    def check_geometry(self) -> None:
+        """Raise a ValueError naming the field and a fix if the stages cannot halve the image evenly."""
+        if len(self.dims) != self.num_stages:
+            raise ValueError(f"dims={tuple(self.dims)} needs one entry per stage (depths={tuple(self.depths)})")
+        unit = self.patch_size * 2 ** (self.num_stages - 1)
+        if self.img_size % unit:
+            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size * 2**(stages-1) = {unit}: "
+                             f"{self.num_stages - 1} stride-2 downsamples would drop rows (use e.g. "
+                             f"{unit * max(1, round(self.img_size / unit))})")
+
+    # -- overridable pieces -------------------------------------------------------------------
+
+    def build_stem(self) -> nn.Module:
+        """Images ``[B, H, W, in_chans]`` -> map ``[B, H/4, W/4, dims[0]]``; called as ``stem(x, train)``."""
+        return ConvNeXtStem(self.patch_size, self.dims[0], self.dtype)
+
+    def drop_path_rates(self) -> tuple[tuple[float, ...], ...]:
+        """Stochastic-depth rate of every block, linear over all blocks (0 .. drop_path_rate), per stage."""
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
+        starts = np.cumsum((0,) + tuple(self.depths))
+        return tuple(tuple(rates[starts[i]:starts[i + 1]]) for i in range(self.num_stages))
+
+    def build_stage(self, i: int) -> nn.Module:
+        """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``."""
+        return ConvNeXtStage(self.dims[i], self.drop_path_rates()[i], downsample=i > 0,
+                             kernel_size=self.kernel_size, mlp_ratio=self.mlp_ratio,
+                             ls_init_value=self.ls_init_value, dtype=self.dtype)
+
+    def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
+        """Run stage ``i`` (a subclass whose stage reports more may add entries to ``aux``)."""
+        return self.stages[i](x, train)
+
+    def setup(self):
+        self.check_geometry()
+        self.stem = self.build_stem()
+        self.stages = [self.build_stage(i) for i in range(self.num_stages)]
+        self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def check_images(self, images: Array) -> None:
+        check_nhwc_images(images, self.img_size, self.in_chans,
+                          f"a multiple of {self.patch_size * 2 ** (self.num_stages - 1)}")
+
+    def check_spec(self, spec: SparsitySpec | None) -> None:
+        if spec is not None and not spec.is_dense:
+            raise SparsityError(f"{type(self).__name__} runs dense only; got sparsity {spec.describe()!r}. "
+                                "Pass sparsity=None (or 'dense'); token reduction on ConvNeXt is a model of its own.")
+
+    def __call__(self, images: Array, *, train: bool = False,
+                 sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
+        self.check_images(images)
+        self.check_spec(sparsity)
+        aux: Aux = {"keep_masks": (), "keep_indices": ()}
+        x = self.stem(images.astype(self.dtype), train)
+        features = []
+        for i in range(self.num_stages):
+            x = self.run_stage(i, x, train, aux)
+            features.append(x)
+        b, h, w, c = x.shape
+        pooled = self.norm(jnp.mean(x, axis=(1, 2)))
+        logits = self.head(self.head_drop(pooled, deterministic=not train)).astype(jnp.float32)
+        aux.update(features=tuple(features), tokens=x.reshape(b, h * w, c))
+        return logits, aux
+
+    # -- FLOPs (fvcore convention: MACs of convs and linear layers; norms, GELU, pooling not counted)
+
+    def stem_macs(self) -> float:
+        return float(self.num_patches * self.dims[0] * self.in_chans * self.patch_size ** 2)
+
+    def stage_macs(self, i: int) -> float:
+        """Downsample conv (if any) ``N * 4 C_{i-1} C_i`` plus every block: depthwise ``N k^2 C``,
+        MLP ``2 r N C^2``."""
+        r, c = self.stage_resolutions[i], self.dims[i]
+        n = r * r
+        down = n * 4 * self.dims[i - 1] * c if i > 0 else 0
+        block = n * self.kernel_size ** 2 * c + 2 * self.mlp_ratio * n * c * c
+        return float(down + self.depths[i] * block)
+
+    def analytic_macs(self, spec: SparsitySpec | None = None) -> float:
+        """Multiply-accumulates of one forward (``saitjax.flops.analytic_gmacs`` uses it)."""
+        self.check_geometry()
+        self.check_spec(spec)
+        return (self.stem_macs() + sum(self.stage_macs(i) for i in range(self.num_stages))
+                + self.num_features * self.num_classes)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @classmethod
+    def checkpoint_key_map(cls, keys: Sequence[str]) -> dict[str, str]:
+        """Rename the official (facebookresearch/ConvNeXt) layout onto timm's; timm keys map to themselves.
+
+        The official code keeps the stem and the downsamples together in ``downsample_layers.{i}``
+        and names the block layers ``dwconv`` / ``pwconv1`` / ``pwconv2``, blocks directly under
+        ``stages.{i}.{j}``, the head norm ``norm`` and the classifier ``head``.
+        """
+        if not any(k.startswith("downsample_layers.") for k in keys):
+            return {k: k for k in keys}
+
+        def rename(key: str) -> str:
+            key = re.sub(r"^downsample_layers\.0\.", "stem.", key)
+            key = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", key)
+            key = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+            for old, new in (("dwconv", "conv_dw"), ("pwconv1", "mlp.fc1"), ("pwconv2", "mlp.fc2")):
+                key = key.replace(f".{old}.", f".{new}.")
+            key = re.sub(r"^norm\.", "head.norm.", key)
+            return re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
+
+        return {k: rename(k) for k in keys}
+
+
+# timm's names and sizes: (depths, dims); published GFLOPs (MACs) 4.5 / 8.7 / 15.4 at 224 px.
+CONVNEXT_SIZES = {"tiny": ((3, 3, 9, 3), (96, 192, 384, 768)), "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+                  "base": ((3, 3, 27, 3), (128, 256, 512, 1024))}
+# Tiny test size: 32 px -> maps 8, 4, 2, 1 (the 7x7 depthwise conv sees zero padding at every stage).
+CONVNEXT_TEST_GEOMETRY = dict(img_size=32, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10)
+
+
+def guess_convnext_name(state_dict: Mapping[str, Any]) -> str | None:
+    """Registered ConvNeXt whose width and stage-3 depth match a timm or official state dict, if any."""
+    sd = {ConvNeXt.checkpoint_key_map(list(state_dict)).get(k, k): v for k, v in state_dict.items()}
+    stem = sd.get("stem.0.weight")
+    if stem is None or np.shape(stem)[2:] != (4, 4) or not any(".conv_dw." in k for k in sd):
+        return None
+    third = {int(m.group(1)) for k in sd for m in [re.match(r"stages\.2\.blocks\.(\d+)\.", k)] if m}
+    for size, (depths, dims) in CONVNEXT_SIZES.items():
+        if np.shape(stem)[0] == dims[0] and len(third) == depths[2]:
+            return f"convnext_{size}"
+    return None
+
+
+def _register() -> None:
+    for size, (depths, dims) in CONVNEXT_SIZES.items():
+        register_model(f"convnext_{size}", ConvNeXt, f"ConvNeXt-{size[0].upper()} (depths {depths}, dims {dims}) "
+                       "at 224 px", timm_name=f"convnext_{size}", tags=("convnext",), img_size=224,
+                       depths=depths, dims=dims, num_classes=1000)
+    register_model("convnext_test", ConvNeXt, "test-size ConvNeXt: 32 px (maps 8/4/2/1), dims 16/32/64/128, "
+                   "depths 1/1/2/1", tags=("convnext", "convnext_test"), **CONVNEXT_TEST_GEOMETRY)
+
+
+_register()
