@@ -15,10 +15,10 @@ import saitjax
 from saitjax.convert import convert_state_dict, guess_model_name
 from saitjax.flops import analytic_gmacs
 from saitjax.models.convnext import CONVNEXT_TEST_GEOMETRY, ConvNeXt
-from saitjax.sparsity import SparsityError, SparsitySpec
+from saitjax.sparsity import SparsitySpec
 
-from model_fixtures import random_params
-from timm_reference import import_timm
+from model_fixtures import assert_dense_backbone_errors, param_count, random_params
+from timm_reference import import_timm, max_logit_diff, randomised
 
 NAME = "convnext_test"
 SIZES = ("tiny", "small", "base")
@@ -61,8 +61,7 @@ def test_parameter_counts_equal_timm(size, count):
     """timm 1.0.31 ``sum(p.numel() for p in timm.create_model(f"convnext_{size}").parameters())``
     (also timm's model cards: 28.6M / 50.2M / 88.6M)."""
     model = saitjax.create_model(f"convnext_{size}")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"]
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count
+    assert param_count(model) == count
 
 
 @pytest.mark.parametrize("size,published", zip(SIZES, (4.5, 8.7, 15.4)))
@@ -86,16 +85,7 @@ def test_clear_errors():
         saitjax.create_model("convnext_tiny", img_size=200).analytic_macs()
     with pytest.raises(ValueError, match=r"dims=\(16, 32\) needs one entry per stage"):
         saitjax.create_model(NAME, dims=(16, 32)).analytic_macs()
-    model = saitjax.create_model(NAME)
-    with pytest.raises(ValueError, match=r"expected images of shape \[batch, 32, 32, 3\].*channels-first"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 32, 32))))
-    with pytest.raises(ValueError, match="create the model with img_size=64"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    with pytest.raises(SparsityError, match="ConvNeXt runs dense only.*topk:0.7"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                          sparsity=SparsitySpec.hierarchical(0.7, (1, 2, 3))))
-    with pytest.raises(SparsityError, match="dense only"):
-        analytic_gmacs(model, SparsitySpec.hierarchical(0.7, (1, 2, 3)))
+    assert_dense_backbone_errors(saitjax.create_model(NAME))
 
 
 def test_registry_and_zoo_attributes():
@@ -133,30 +123,11 @@ def test_guess_model_name_from_convnext_keys():
 
 # -- parity with timm and both checkpoint layouts ----------------------------------------------------
 
-def _randomised(torch, reference):
-    """Every parameter moved off its init; layer scales drawn in [0.5, 1.5] (not 1e-6) so the blocks count."""
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(torch.rand_like(p) + 0.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.02)
-    return reference.eval()
-
-
-def _max_logit_diff(torch, reference, model, params, size):
-    images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
-    with torch.inference_mode():
-        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    logits, _ = jax.jit(model.apply)({"params": params}, images)
-    return float(np.abs(np.asarray(logits) - expected).max())
-
-
 def _small_timm(torch, timm, seed):
     torch.manual_seed(seed)
     g = CONVNEXT_TEST_GEOMETRY
-    return _randomised(torch, timm.create_model("convnext_tiny", pretrained=False, depths=g["depths"],
-                                                dims=g["dims"], num_classes=g["num_classes"]))
+    return randomised(timm.create_model("convnext_tiny", pretrained=False, depths=g["depths"],
+                                         dims=g["dims"], num_classes=g["num_classes"]))
 
 
 def _official_layout(state_dict):
@@ -183,7 +154,7 @@ def test_parity_with_timm_small():
     params = convert_state_dict(state_dict, model)
     assert params["stages_1"]["blocks_0"]["conv_dw"]["kernel"].shape == (7, 7, 1, 32)  # [C,1,7,7] -> HWIO, groups=C
     np.testing.assert_array_equal(params["stages_2"]["blocks_1"]["gamma"], state_dict["stages.2.blocks.1.gamma"])
-    assert _max_logit_diff(torch, reference, model, params, 64) < 1e-4
+    assert max_logit_diff(reference, model, params, 64) < 1e-4
 
 
 @pytest.mark.torch
@@ -204,9 +175,9 @@ def test_parity_with_timm_convnext_tiny_224():
     (measured 2e-6; ~9 s)."""
     torch, timm = import_timm()
     torch.manual_seed(0)
-    reference = _randomised(torch, timm.create_model("convnext_tiny", pretrained=False))
+    reference = randomised(timm.create_model("convnext_tiny", pretrained=False))
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
     assert guess_model_name(state_dict) == "convnext_tiny"
     model = saitjax.create_model("convnext_tiny")
     params = convert_state_dict(state_dict, model, model_name="convnext_tiny")
-    assert _max_logit_diff(torch, reference, model, params, 224) < 1e-4
+    assert max_logit_diff(reference, model, params, 224) < 1e-4

@@ -16,11 +16,11 @@ from saitjax.convert import ConversionError, convert_state_dict, guess_model_nam
 from saitjax.flops import analytic_gmacs
 from saitjax.models import token_ops
 from saitjax.models.swin import SWIN_TEST_GEOMETRY, SwinTransformer
-from saitjax.sparsity import SparsityError, SparsitySpec
+from saitjax.sparsity import SparsitySpec
 from saitjax.tools import convert as convert_cli
 
-from model_fixtures import random_params
-from timm_reference import import_timm
+from model_fixtures import assert_dense_backbone_errors, param_count, random_params
+from timm_reference import import_timm, max_logit_diff, randomised
 
 NAME = "swin_test_patch4_window4_32"
 SIZES = ("tiny", "small", "base")
@@ -97,8 +97,7 @@ def test_stage_shapes_of_swin_tiny_at_224():
 def test_parameter_counts_equal_timm(size, count):
     """timm 1.0 ``sum(p.numel() for p in model.parameters())`` (index and masks are buffers)."""
     model = saitjax.create_model(f"swin_{size}_patch4_window7_224")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"]
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count
+    assert param_count(model) == count
 
 
 @pytest.mark.parametrize("size,published", zip(SIZES, (4.5, 8.7, 15.4)))
@@ -131,16 +130,7 @@ def test_clear_errors():
         saitjax.create_model("swin_tiny_patch4_window7_224", img_size=200).analytic_macs()
     with pytest.raises(ValueError, match="img_size=30 is not a multiple of patch_size=4"):
         saitjax.create_model(NAME, img_size=30).analytic_macs()
-    model = saitjax.create_model(NAME)
-    with pytest.raises(ValueError, match=r"expected images of shape \[batch, 32, 32, 3\].*channels-first"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 32, 32))))
-    with pytest.raises(ValueError, match="create the model with img_size=64"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    with pytest.raises(SparsityError, match="dense only.*topk:0.7"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                          sparsity=SparsitySpec.hierarchical(0.7, (1, 2, 3))))
-    with pytest.raises(SparsityError, match="dense only"):
-        analytic_gmacs(model, SparsitySpec.hierarchical(0.7, (1, 2, 3)))
+    assert_dense_backbone_errors(saitjax.create_model(NAME))
 
 
 def test_registry_and_zoo_attributes():
@@ -172,22 +162,6 @@ def test_guess_model_name_from_swin_keys():
 
 # -- parity with timm and both checkpoint layouts ----------------------------------------------------
 
-def _randomised(torch, reference):
-    """Every parameter (relative position bias tables included) moved off its init."""
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return reference.eval()
-
-
-def _max_logit_diff(torch, reference, model, params, size):
-    images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
-    with torch.inference_mode():
-        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    logits, _ = jax.jit(model.apply)({"params": params}, images)
-    return float(np.abs(np.asarray(logits) - expected).max())
-
-
 def _official_layout(state_dict):
     """timm keys -> the microsoft layout: PatchMerging at the end of the previous stage, ``head.weight``,
     plus the buffers the official code saves (which the converter must skip)."""
@@ -211,12 +185,12 @@ def test_parity_with_timm_tiny():
     size = 64
     torch.manual_seed(size)
     g = SWIN_TEST_GEOMETRY
-    reference = _randomised(torch, TimmSwin(img_size=size, patch_size=4, window_size=g["window_size"],
-                                            embed_dim=g["embed_dim"], depths=g["depths"],
-                                            num_heads=g["num_heads"], num_classes=g["num_classes"]))
+    reference = randomised(TimmSwin(img_size=size, patch_size=4, window_size=g["window_size"],
+                                     embed_dim=g["embed_dim"], depths=g["depths"],
+                                     num_heads=g["num_heads"], num_classes=g["num_classes"]))
     model = saitjax.create_model(NAME, img_size=size)
     params = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, model)
-    assert _max_logit_diff(torch, reference, model, params, size) < 1e-4
+    assert max_logit_diff(reference, model, params, size) < 1e-4
 
 
 @pytest.mark.torch
@@ -227,8 +201,8 @@ def test_official_layout_converts_identically(tmp_path):
 
     torch.manual_seed(3)
     g = SWIN_TEST_GEOMETRY
-    reference = _randomised(torch, TimmSwin(img_size=32, patch_size=4, window_size=4, embed_dim=g["embed_dim"],
-                                            depths=g["depths"], num_heads=g["num_heads"], num_classes=10))
+    reference = randomised(TimmSwin(img_size=32, patch_size=4, window_size=4, embed_dim=g["embed_dim"],
+                                     depths=g["depths"], num_heads=g["num_heads"], num_classes=10))
     timm_sd = {k: v.numpy() for k, v in reference.state_dict().items()}
     official = _official_layout(timm_sd)
     assert "layers.0.downsample.reduction.weight" in official and "head.weight" in official
@@ -253,9 +227,9 @@ def test_parity_with_timm_224(name):
     """timm.create_model(name) with random weights: logits within 1e-4 (measured 8e-7 / 1e-6); ~15 s each."""
     torch, timm = import_timm()
     torch.manual_seed(0)
-    reference = _randomised(torch, timm.create_model(name, pretrained=False))
+    reference = randomised(timm.create_model(name, pretrained=False))
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
     assert guess_model_name(state_dict) == name
     model = saitjax.create_model(name)
     params = convert_state_dict(state_dict, model, model_name=name)
-    assert _max_logit_diff(torch, reference, model, params, 224) < 1e-4
+    assert max_logit_diff(reference, model, params, 224) < 1e-4

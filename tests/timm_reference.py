@@ -1,6 +1,10 @@
-"""Parity tests import timm through saitjax's helper and skip where torch/timm are absent."""
+"""Parity tests import timm through saitjax's helper and skip where torch/timm are absent; helpers
+that run or prepare the timm side of a comparison."""
 
+import numpy as np
 import pytest
+
+import jax
 
 
 def import_timm():
@@ -12,6 +16,31 @@ def import_timm():
         return _import()
     except ImportError as err:
         pytest.skip(f"timm not importable: {err}")
+
+
+def randomised(reference):
+    """A timm model with every parameter moved off its init (N(0, 0.02) added), in eval mode; layer
+    scales (``*gamma``) drawn in [0.5, 1.5] instead (not ~1e-6), so that the blocks count."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand_like(p) + 0.5)
+            else:
+                p.add_(torch.randn_like(p) * 0.02)
+    return reference.eval()
+
+
+def max_logit_diff(reference, model, params, size):
+    """Largest |logit difference| of a timm classifier and a saitjax ``model`` on 2 random NHWC images."""
+    import torch
+
+    images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    logits, _ = jax.jit(model.apply)({"params": params}, images)
+    return float(np.abs(np.asarray(logits) - expected).max())
 
 
 def deit_tokens(model, images_nchw):

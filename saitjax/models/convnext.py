@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saitjax.models.hierarchical import HierarchicalBackbone
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
-from saitjax.sparsity import SparsityError, SparsitySpec
+from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
 
@@ -106,7 +107,7 @@ class ConvNeXtStage(nn.Module):
         return x
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(HierarchicalBackbone, nn.Module):
     """ConvNeXt classifier returning ``(logits, aux)``; dense only.
 
     ``aux``: ``features`` (tuple of the four stage outputs ``[B, H_i, W_i, C_i]``, NHWC, in order,
@@ -135,53 +136,21 @@ class ConvNeXt(nn.Module):
                           (r"\.downsample\.1\.", ".downsample.conv."), (r"\.blocks\.(\d+)\.", r".blocks_\1."),
                           (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head."))
 
-    # -- static geometry (the zoo's attributes) -----------------------------------------------
+    family = "ConvNeXt"  # in the dense-only message
 
-    distilled = False
-    num_prefix_tokens = 0
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.depths)
-
-    @property
-    def depth(self) -> int:
-        """All blocks of all stages."""
-        return sum(self.depths)
+    # -- static geometry (the rest: HierarchicalBackbone) ---------------------------------------
 
     @property
     def embed_dim(self) -> int:
         return self.dims[0]
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Positions after the stem (56x56 = 3136 at 224 px)."""
-        return self.grid_size ** 2
-
-    @property
     def stage_dims(self) -> tuple[int, ...]:
         return tuple(self.dims)
 
-    @property
-    def stage_resolutions(self) -> tuple[int, ...]:
-        """Map side of each stage's output (after its downsample)."""
-        return tuple(self.grid_size // 2 ** i for i in range(self.num_stages))
-
-    @property
-    def num_features(self) -> int:
-        return self.dims[-1]
-
-    def default_sparsity(self) -> SparsitySpec:
-        return SparsitySpec.dense()
-
     def check_geometry(self) -> None:
         """Raise a ValueError naming the field and a fix if the stages cannot halve the image evenly."""
-        if len(self.dims) != self.num_stages:
-            raise ValueError(f"dims={tuple(self.dims)} needs one entry per stage (depths={tuple(self.depths)})")
+        self.check_per_stage("dims", self.dims)
         unit = self.patch_size * 2 ** (self.num_stages - 1)
         if self.img_size % unit:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size * 2**(stages-1) = {unit}: "
@@ -194,17 +163,15 @@ class ConvNeXt(nn.Module):
         """Images ``[B, H, W, in_chans]`` -> map ``[B, H/4, W/4, dims[0]]``; called as ``stem(x, train)``."""
         return ConvNeXtStem(self.patch_size, self.dims[0], self.dtype)
 
-    def drop_path_rates(self) -> tuple[tuple[float, ...], ...]:
-        """Stochastic-depth rate of every block, linear over all blocks (0 .. drop_path_rate), per stage."""
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
-        starts = np.cumsum((0,) + tuple(self.depths))
-        return tuple(tuple(rates[starts[i]:starts[i + 1]]) for i in range(self.num_stages))
-
     def build_stage(self, i: int) -> nn.Module:
         """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``."""
         return ConvNeXtStage(self.dims[i], self.drop_path_rates()[i], downsample=i > 0,
                              kernel_size=self.kernel_size, mlp_ratio=self.mlp_ratio,
                              ls_init_value=self.ls_init_value, dtype=self.dtype)
+
+    def embed(self, images: Array, train: bool) -> Array:
+        """The stem: the first map of :meth:`forward_features`."""
+        return self.stem(images, train)
 
     def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
         """Run stage ``i`` (a subclass whose stage reports more may add entries to ``aux``)."""
@@ -224,31 +191,16 @@ class ConvNeXt(nn.Module):
         check_nhwc_images(images, self.img_size, self.in_chans,
                           f"a multiple of {self.patch_size * 2 ** (self.num_stages - 1)}")
 
-    def check_spec(self, spec: SparsitySpec | None) -> None:
-        if spec is not None and not spec.is_dense:
-            raise SparsityError(f"{type(self).__name__} runs dense only; got sparsity {spec.describe()!r}. "
-                                "Pass sparsity=None (or 'dense'); token reduction on ConvNeXt is a model of its own.")
-
     def __call__(self, images: Array, *, train: bool = False,
                  sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
-        self.check_images(images)
-        self.check_spec(sparsity)
-        aux: Aux = {"keep_masks": (), "keep_indices": ()}
-        x = self.stem(images.astype(self.dtype), train)
-        features = []
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, train, aux)
-            features.append(x)
+        x, aux = self.forward_features(images, train, sparsity)
         b, h, w, c = x.shape
         pooled = self.norm(jnp.mean(x, axis=(1, 2)))
         logits = self.head(self.head_drop(pooled, deterministic=not train)).astype(jnp.float32)
-        aux.update(features=tuple(features), tokens=x.reshape(b, h * w, c))
+        aux["tokens"] = x.reshape(b, h * w, c)
         return logits, aux
 
     # -- FLOPs (fvcore convention: MACs of convs and linear layers; norms, GELU, pooling not counted)
-
-    def stem_macs(self) -> float:
-        return float(self.num_patches * self.dims[0] * self.in_chans * self.patch_size ** 2)
 
     def stage_macs(self, i: int) -> float:
         """Downsample conv (if any) ``N * 4 C_{i-1} C_i`` plus every block: depthwise ``N k^2 C``,
@@ -258,13 +210,6 @@ class ConvNeXt(nn.Module):
         down = n * 4 * self.dims[i - 1] * c if i > 0 else 0
         block = n * self.kernel_size ** 2 * c + 2 * self.mlp_ratio * n * c * c
         return float(down + self.depths[i] * block)
-
-    def analytic_macs(self, spec: SparsitySpec | None = None) -> float:
-        """Multiply-accumulates of one forward (``saitjax.flops.analytic_gmacs`` uses it)."""
-        self.check_geometry()
-        self.check_spec(spec)
-        return (self.stem_macs() + sum(self.stage_macs(i) for i in range(self.num_stages))
-                + self.num_features * self.num_classes)
 
     # -- checkpoints --------------------------------------------------------------------------
 

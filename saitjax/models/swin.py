@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saitjax.models import token_ops
+from saitjax.models.hierarchical import HierarchicalBackbone
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
-from saitjax.sparsity import SparsityError, SparsitySpec
+from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
 
@@ -162,7 +163,7 @@ class SwinPatchEmbed(nn.Module):
         return nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(HierarchicalBackbone, nn.Module):
     """Swin classifier returning ``(logits, aux)``; dense only.
 
     ``aux``: ``features`` (tuple of the stage outputs ``[B, H_i, W_i, C_i]``, NHWC, after each
@@ -192,49 +193,18 @@ class SwinTransformer(nn.Module):
     checkpoint_renames = ((r"^layers\.(\d+)\.", r"layers_\1."), (r"\.blocks\.(\d+)\.", r".blocks_\1."),
                           (r"^head\.fc\.", "head."))
 
-    # -- static geometry ---------------------------------------------------------------------
+    family = "Swin"  # in the dense-only message
 
-    distilled = False  # the zoo's flags: no distillation head, no CLS/prefix tokens
-    num_prefix_tokens = 0
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.depths)
-
-    @property
-    def depth(self) -> int:
-        """All blocks of all stages (the zoo's ``depth``)."""
-        return sum(self.depths)
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size ** 2
+    # -- static geometry (the rest: HierarchicalBackbone) -----------------------------------------
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
         return tuple(self.embed_dim * 2 ** i for i in range(self.num_stages))
 
-    @property
-    def stage_resolutions(self) -> tuple[int, ...]:
-        """Map side of each stage's output (after its PatchMerging)."""
-        return tuple(self.grid_size // 2 ** i for i in range(self.num_stages))
-
-    @property
-    def num_features(self) -> int:
-        return self.stage_dims[-1]
-
-    def default_sparsity(self) -> SparsitySpec:
-        return SparsitySpec.dense()
-
     def check_geometry(self) -> None:
         """Raise a ValueError naming the field and a fix if the stages cannot tile the image."""
         n = self.num_stages
-        if len(self.num_heads) != n:
-            raise ValueError(f"num_heads={tuple(self.num_heads)} needs one entry per stage (depths={tuple(self.depths)})")
+        self.check_per_stage("num_heads", self.num_heads)
         for i, (dim, heads) in enumerate(zip(self.stage_dims, self.num_heads)):
             if dim % heads:
                 raise ValueError(f"stage {i} width {dim} (embed_dim={self.embed_dim} * 2**{i}) is not divisible by "
@@ -258,18 +228,15 @@ class SwinTransformer(nn.Module):
         """Images ``[B, H, W, in_chans]`` -> map ``[B, H/4, W/4, embed_dim]``; called as ``stem(x, train)``."""
         return SwinPatchEmbed(self.patch_size, self.embed_dim, self.dtype)
 
-    def drop_path_rates(self) -> tuple[tuple[float, ...], ...]:
-        """Stochastic-depth rate of every block, linear over all blocks (0 .. drop_path_rate), per stage."""
-        total = self.depth
-        rates = [self.drop_path_rate * k / max(total - 1, 1) for k in range(total)]
-        starts = np.cumsum((0,) + tuple(self.depths))
-        return tuple(tuple(rates[starts[i]:starts[i + 1]]) for i in range(self.num_stages))
-
     def build_stage(self, i: int) -> nn.Module:
         """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``."""
         return SwinStage(self.stage_resolutions[i], self.num_heads[i], self.window_size, self.drop_path_rates()[i],
                          downsample=i > 0, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                          drop_rate=self.drop_rate, dtype=self.dtype)
+
+    def embed(self, images: Array, train: bool) -> Array:
+        """Stem then dropout: the first map of :meth:`forward_features`."""
+        return self.pos_drop(self.patch_embed(images, train), deterministic=not train)
 
     def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
         """Run stage ``i`` (a subclass whose stage reports more may add entries to ``aux``)."""
@@ -289,31 +256,16 @@ class SwinTransformer(nn.Module):
         check_nhwc_images(images, self.img_size, self.in_chans,
                           "every stage's map must be a multiple of window_size")
 
-    def check_spec(self, spec: SparsitySpec | None) -> None:
-        if spec is not None and not spec.is_dense:
-            raise SparsityError(f"{type(self).__name__} runs dense only; got sparsity {spec.describe()!r}. "
-                                "Pass sparsity=None (or 'dense'); token reduction on Swin is a model of its own.")
-
     def __call__(self, images: Array, *, train: bool = False,
                  sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:
-        self.check_images(images)
-        self.check_spec(sparsity)
-        aux: Aux = {"keep_masks": (), "keep_indices": ()}
-        x = self.pos_drop(self.patch_embed(images.astype(self.dtype), train), deterministic=not train)
-        features = []
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x, train, aux)
-            features.append(x)
+        x, aux = self.forward_features(images, train, sparsity)
         b, h, w, c = x.shape
         tokens = self.norm(x).reshape(b, h * w, c)
         logits = self.head(jnp.mean(tokens, axis=1)).astype(jnp.float32)
-        aux.update(features=tuple(features), tokens=tokens)
+        aux["tokens"] = tokens
         return logits, aux
 
     # -- FLOPs (fvcore convention: MACs of linear layers, convs and attention matmuls) ------------
-
-    def stem_macs(self) -> float:
-        return float(self.num_patches * self.embed_dim * self.in_chans * self.patch_size ** 2)
 
     def stage_macs(self, i: int) -> float:
         """PatchMerging (if any) plus every block: qkv/proj ``4NC^2``, QK^T and AV ``2 N w^2 C`` per
@@ -324,13 +276,6 @@ class SwinTransformer(nn.Module):
         merge = n * 4 * (c // 2) * c if i > 0 else 0
         block = 4 * n * c * c + 2 * n * w * w * c + 2 * self.mlp_ratio * n * c * c
         return float(merge + self.depths[i] * block)
-
-    def analytic_macs(self, spec: SparsitySpec | None = None) -> float:
-        """Multiply-accumulates of one forward (``saitjax.flops.analytic_gmacs`` uses it)."""
-        self.check_geometry()
-        self.check_spec(spec)
-        return (self.stem_macs() + sum(self.stage_macs(i) for i in range(self.num_stages))
-                + self.num_features * self.num_classes)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
