@@ -19,16 +19,23 @@ from ml_collections.config_dict import placeholder
 from saitjax.sparsity import SparsityError
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of a config file such as ``configs/demo.py`` (as ``--config path:arg``)."""
+def load_config_module(path: str) -> Any:
+    """The module of a config file such as ``configs/demo.py`` (``get_config``, maybe ``get_sweep``)."""
     import importlib.util
 
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path}: no such file")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load config file {path!r}: expected a .py file defining get_config(arg)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file such as ``configs/demo.py`` (as ``--config path:arg``)."""
+    return load_config_module(path).get_config(arg)
 
 
 def base_config() -> ml_collections.ConfigDict:

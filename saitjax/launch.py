@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import time
 from typing import Any, Sequence
 
 from saitjax import hyper, run_results
+from saitjax.config import load_config_module
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -64,15 +64,6 @@ def _name_text(value: Any) -> str:
     return _NAME_UNSAFE.sub("-", os.path.basename(text.rstrip("/")) if "/" in text else text) or "_"
 
 
-def _load_module(config_path: str) -> Any:
-    if not os.path.isfile(config_path):
-        raise ValueError(f"config file {config_path}: no such file")
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(config_path))[0], config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _split_config(config: str) -> tuple[str, str]:
     path, _, arg = config.partition(":")
     return path, arg
@@ -91,7 +82,7 @@ def _parse_arg_items(arg: str) -> dict[str, str]:
 def plan(config: str, root: str) -> list[PlannedRun]:
     """Expand ``config`` (``path[:arg]``) by its ``get_sweep(hyper)`` into runs under ``root``."""
     path, base_arg = _split_config(config)
-    module = _load_module(path)
+    module = load_config_module(path)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"config file {path} defines no get_sweep(hyper); add one returning e.g. "
                          "hyper.product([hyper.sweep('config.seed', [0, 1, 2])]), or train it with saitjax.main")
@@ -131,9 +122,7 @@ def plan(config: str, root: str) -> list[PlannedRun]:
 
 def build_config(config_path: str, run: PlannedRun) -> Any:
     """The locked ConfigDict of ``run``: ``get_config(arg)`` with the overrides set and validated."""
-    from saitjax.config import load_config_file
-
-    config = load_config_file(config_path, run.config_arg or None)
+    config = load_config_module(config_path).get_config(run.config_arg or None)
     config.unlock()
     for field, value in run.overrides.items():
         target, *parts = [config, *field.split(".")]
