@@ -102,14 +102,14 @@ def summarize_over(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str
     for row in rows:
         if row.get("status") != "finished":
             continue
-        ident = tuple((k, json.dumps(v)) for k, v in row.items() if k not in _MEASURED and k not in (key, "run"))
+        ident = tuple((k, json.dumps(v)) for k, v in row.items() if not _measured(k) and k not in (key, "run"))
         groups.setdefault(ident, []).append(row)
     out = []
     for members in groups.values():
-        merged: dict[str, Any] = {k: v for k, v in members[0].items() if k not in _MEASURED and k not in (key, "run")}
+        merged: dict[str, Any] = {k: v for k, v in members[0].items() if not _measured(k) and k not in (key, "run")}
         merged["run"] = ",".join(str(m["run"]) for m in members)
         merged["n"] = len(members)
-        for field in _MEASURED:
+        for field in dict.fromkeys(k for m in members for k in m if _measured(k)):
             values = [float(m[field]) for m in members if isinstance(m.get(field), (int, float))]
             if values:
                 merged[field] = statistics.fmean(values)
@@ -119,8 +119,18 @@ def summarize_over(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str
     return out
 
 
-_MEASURED = ("top1", "top1_se", "count", "loss", "gmacs", "gmacs_executed", "kept_fraction",
-             "img_per_s_bs1", "img_per_s_bs8", "img_per_s_bs32", "wall_time_s", "step")
+_MEASURED = ("top1", "top1_se", "count", "loss", "gmacs", "gmacs_executed", "kept_fraction", "wall_time_s", "step")
+
+
+def _measured(key: str) -> bool:
+    """A figure a run measured (averaged over folded runs), not a parameter that names the row."""
+    return key in _MEASURED or key.startswith("img_per_s_bs")
+
+
+def _speed_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The img/s columns present, by batch size."""
+    keys = {k for row in rows for k in row if k.startswith("img_per_s_bs") and not k.endswith("_sd")}
+    return sorted(keys, key=lambda k: int(k.rsplit("bs", 1)[1]))
 
 
 def _cell(row: Mapping[str, Any], field: str, fmt: str, scale: float = 1.0) -> str:
@@ -138,7 +148,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], params: Sequence[str]) -> s
     """Markdown: one line per row, the swept ``params`` first. Single runs show top-1 ± its
     standard error over the test images; folded rows (:func:`summarize_over`) mean ± sd over runs."""
     folded = any("n" in row for row in rows)
-    speed = [k for k in ("img_per_s_bs1", "img_per_s_bs32") if any(k in row for row in rows)]
+    speed = _speed_keys(rows)
     header = ([*params, "density", "top-1 (mean ± sd over runs)" if folded else "top-1 ± SE", "n" if folded else "test images",
                "kept tokens", "GMACs executed", "GMACs ideal"] + [f"img/s bs{k.rsplit('bs', 1)[1]}" for k in speed]
               + ["wall time", "status"])

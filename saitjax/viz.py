@@ -160,7 +160,9 @@ def _error_bar(row: dict, y: str) -> float:
             return value
     value, count = _float_or_none(row.get(y)), _float_or_none(row.get("count"))
     if value is not None and count and 0.0 <= value <= 1.0:
-        return float(np.sqrt(value * (1.0 - value) / count))
+        from saitjax.run_results import standard_error
+
+        return standard_error(value, count)
     return 0.0
 
 
