@@ -84,7 +84,8 @@ def density_cost(model: Any, spec: SparsitySpec, result: Mapping[str, Any]) -> d
     static, final_tokens = None, model.num_patches
     if not spec.is_adaptive:
         static = analytic_gmacs(model, spec)
-        final_tokens = model.block_token_counts(spec)[-1][1] - model.num_prefix_tokens
+        if hasattr(model, "block_token_counts"):  # token models; maps (Swin, ConvNeXt) keep every location
+            final_tokens = model.block_token_counts(spec)[-1][1] - model.num_prefix_tokens
     return {"gmacs": result.get("gmacs", static), "gmacs_executed": result.get("gmacs_executed", static),
             "kept_fraction": result.get("kept_fraction", final_tokens / model.num_patches)}
 

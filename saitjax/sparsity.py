@@ -230,6 +230,19 @@ class SparsitySpec:
         return cls.topk(ratios, locations, mode)
 
     @classmethod
+    def linear(cls, rho: float, locations: Sequence[int] = (1, 2, 3), step: float = 0.2,
+               mode: str = "gather") -> "SparsitySpec":
+        """DynamicViT's schedule on hierarchical models: rho, rho - step, rho - 2 step, ... of all
+        locations of the map, computed in float64 as the official code does (``0.7 - 0.2`` is
+        ``0.49999999999999994``, so 196 locations give 137 / 97 / 58 under the models' truncation)."""
+        ratios = tuple(rho - step * s if s else rho for s in range(len(locations)))
+        if not 0.0 < rho <= 1.0 or ratios[-1] <= 0.0:
+            raise SparsityError(f"linear schedule rho={rho}, step={step} over {len(locations)} stages gives "
+                                f"ratios {tuple(f'{r:.6g}' for r in ratios)}: every ratio must lie in (0, 1]; "
+                                f"use rho > {step * (len(locations) - 1):g}")
+        return cls.topk(ratios, locations, mode)
+
+    @classmethod
     def adaptive(cls, rule: str, threshold: float, locations: Sequence[int] = (3,),
                  min_keep: float = 0.0, max_keep: float = 1.0,
                  buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0),
@@ -364,12 +377,20 @@ class SparsitySpec:
             if self.rule == "evit" and len(set(rates)) == 1:
                 rates = rates[:1]
             fuse = "" if self.fuse else ",fuse=0"
-            return f"{self.rule}:{'/'.join(f'{r:.6g}' for r in rates)}@{locs}{fuse}"
+            return f"{self.rule}:{'/'.join(_exact(r) for r in rates)}@{locs}{fuse}"
         extra = ""
         if (self.min_keep, self.max_keep) != (0.0, 1.0):
             extra += f"[{self.min_keep:g}-{self.max_keep:g}]"
         chunks = f",chunks={self.chunks}" if self.chunks > 1 else ""
         return f"{self.rule}:{self.threshold:g}{extra}@{locs}{chunks}"
+
+
+def _exact(ratio: float) -> str:
+    """A ratio as written in density strings: 6 significant digits where they give back the same
+    float (0.343), else Python's shortest exact form (0.49999999999999994), so that parsing
+    :meth:`SparsitySpec.describe` gives back the same spec and the same token counts."""
+    short = f"{ratio:.6g}"
+    return short if float(short) == ratio else repr(ratio)
 
 
 def parse_density(text: str, locations: Sequence[int] = DEFAULT_LOCATIONS,

@@ -53,7 +53,12 @@ def forward_fn(model: Any, spec: SparsitySpec):
     def forward(params, images):
         logits, aux = model.apply(as_variables(params), images, sparsity=spec)
         masks = aux.get("keep_masks")
-        source = aux["source"]
+        source = aux.get("source")
+        if source is None:  # a map model (Swin, ConvNeXt, their DynamicViT): no token provenance
+            cells = (model.img_size // mask_cell(model)) ** 2
+            source = jnp.broadcast_to(jnp.arange(cells), (images.shape[0], cells))
+            if not masks:
+                return logits, jnp.ones((images.shape[0], cells), jnp.float32), source
         if masks:
             return logits, masks[-1], source
         if "semantic_attention" in aux:  # STViT: every patch joined a semantic token
@@ -63,6 +68,11 @@ def forward_fn(model: Any, spec: SparsitySpec):
         return logits, ((source >= 0) & own).astype(jnp.float32), source
 
     return jax.jit(forward)
+
+
+def mask_cell(model: Any) -> int:
+    """Pixels per side of one cell of the model's keep masks (the patch, or a later stage's location)."""
+    return getattr(model, "keep_mask_cell", model.patch_size)
 
 
 def semantic_attention_fn(model: Any, spec: SparsitySpec):
@@ -116,7 +126,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
         fractions = [r.get(f"kept_fraction_s{s}", 1.0) for s in range(stages)]
         row = {"density": label, "top1": r["top1"], "loss": r["loss"], "count": r["count"],
                **density_cost(model, spec, r), "stage_kept_fractions": fractions}
-        row["kept_tokens"] = row["kept_fraction"] * model.num_patches
+        row["kept_tokens"] = row["kept_fraction"] * getattr(model, "routed_locations", model.num_patches)
         for key in ("kept_object", "kept_background", "capacity", "count_histogram"):
             if key in r:
                 row[key] = r[key]
@@ -156,7 +166,7 @@ def run_sweep(model: Any, params: Any, eval_batches: Iterable[dict[str, Array]],
                               title=f"patch tokens kept per image ({len(batches)} eval batches)")
     pixels = np.clip(shown[:picture_images] * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     plot_kept_tokens(pixels, masks, [label for label, _ in densities],
-                     os.path.join(out_dir, "kept_tokens.png"), patch_size=model.patch_size,
+                     os.path.join(out_dir, "kept_tokens.png"), patch_size=mask_cell(model),
                      max_images=picture_images, sources=sources)
     return rows
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_fixtures import random_params
 from train_fixtures import load_config, tiny_config, tiny_data
 
 import saitjax
@@ -222,3 +223,118 @@ def test_imagenet_config_recipe(size):
     predictors = sum(x.size for k, v in shapes.items() if k.startswith("predictor_") for x in jax.tree.leaves(v))
     frozen = shapes["cls_token"].size + shapes["pos_embed"].size
     assert f"lr x0.01: {(total - predictors - frozen) / 1e6:.2f}M" in summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Hierarchical models (ConvNeXt, Swin): the same method, the official hierarchical loss
+# ----------------------------------------------------------------------------------------------
+
+SPATIAL = "dynamicvit_swin_test_patch4_window4_64"
+
+
+def _spatial_config(**overrides):
+    c = tiny_config(**{"model": SPATIAL, "method": "dynamicvit", "init": "teacher.npz", "teacher": "init",
+                       "data.image_size": 64, **overrides})
+    c.method_kwargs.update(locations=(1, 2, 3), ratio_weight=10.0)  # the official hierarchical weights
+    c.eval.densities = ("dense", saitjax.create_model(SPATIAL).keep_schedule(0.7).describe())
+    return c
+
+
+@pytest.mark.parametrize("name", ["dynamicvit_convnext_test", SPATIAL])
+def test_hierarchical_loss_terms_equal_numpy(name):
+    """Ratio targets rho, rho - 0.2, rho - 0.4 (float64 arithmetic), KL to the teacher, and the MSE of
+    the final normed map over *every* location (not only the slow ones)."""
+    config = _spatial_config(model=name)
+    model = saitjax.create_model(name, num_classes=4)
+    method = build_method(config, model)
+    spec = method.train_sparsity(0)
+    assert spec.keep_ratios == (0.7, 0.7 - 0.2, 0.7 - 0.4) and spec.mode == "mask"
+    images = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
+    params = jax.tree.map(jnp.asarray, random_params(model))
+    rng = np.random.default_rng(9)
+    backbone_only = lambda tree: {k: backbone_only(v) if isinstance(v, dict) else v  # noqa: E731
+                                  for k, v in tree.items() if not k.startswith("predictor_") and k != "fast_path"}
+    teacher = jax.tree.map(lambda a: a + rng.normal(0, 0.05, a.shape).astype(np.float32), backbone_only(params))
+    targets = jax.nn.one_hot(jnp.array([0, 1, 2]), 4) * 0.9 + 0.1 / 4
+    key = jax.random.key(3)
+
+    @jax.jit
+    def loss_and_outputs(p, t):
+        loss, metrics = method.loss(p, images, targets, spec=spec, rng=key, teacher_params=t)
+        dropout_rng, gumbel_rng = jax.random.split(key)
+        student = model.apply({"params": p}, images, train=True, sparsity=spec,
+                              rngs={"dropout": dropout_rng, "gumbel": gumbel_rng})
+        return loss, metrics, student, model.apply({"params": t}, images, sparsity=SparsitySpec.dense())
+
+    loss, metrics, (logits, aux), (t_logits, t_aux) = loss_and_outputs(params, teacher)
+    logits, t_logits, y = np.asarray(logits, np.float64), np.asarray(t_logits, np.float64), np.asarray(targets)
+    cls = -(y * _log_softmax(logits)).sum(-1).mean()
+    d = [np.asarray(x) for x in aux["decisions"]]
+    assert [x.shape for x in d] == [(3, 16)] * 3  # the 4x4 stage-3 map
+    ratio = np.mean([((x.mean(-1) - r) ** 2).mean() for x, r in zip(d, (0.7, 0.5, 0.3))])
+    p_t = np.exp(_log_softmax(t_logits))
+    kd = (p_t * (_log_softmax(t_logits) - _log_softmax(logits))).sum(-1).mean()
+    tok = ((np.asarray(aux["tokens"]) - np.asarray(t_aux["tokens"])) ** 2).mean()  # every location
+    assert kd > 1e-4 and tok > 1e-4
+    np.testing.assert_allclose(metrics["loss_cls"], cls, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_ratio"], ratio, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_kd"], kd, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss_token"], tok, rtol=1e-5)
+    np.testing.assert_allclose(loss, cls + 10.0 * ratio + 0.5 * kd + 0.5 * tok, rtol=1e-5)
+    c = _spatial_config(model=name)
+    c.method_kwargs.rho = 0.4
+    with pytest.raises(ValueError, match=r"method_kwargs.rho=0.4.*use rho > 0.4"):
+        build_method(c, model)
+
+
+@pytest.mark.usefixtures("fast_xla")
+def test_hierarchical_model_trains_on_eight_devices(tmp_path):
+    """DynamicViT-Swin from a dense Swin .npz (no predictors, no fast paths) on 8 devices, then evaluated."""
+    dense_name = "swin_test_patch4_window4_32"
+    dense = saitjax.create_model(dense_name, img_size=64, depths=(2, 2, 4, 2), num_classes=4)
+    dense_params = random_params(dense, seed=7)
+    teacher = save_params(str(tmp_path / "teacher.npz"), dense_params, model=SPATIAL)
+    config = _spatial_config(init=teacher)
+    config.model_kwargs.drop_path_rate = 0.1
+    mesh = parallel.make_mesh()
+    run = train.Run(config, str(tmp_path / "w"), data=tiny_data(mesh, config), mesh=mesh)
+    state = run.restore_or_init()
+    teacher_params = run.teacher_params()
+    assert "predictor_0" not in teacher_params and "fast_path" not in teacher_params["layers_2"]["blocks_3"]
+    step_fn = run.jitted_train_step(donate=False)
+    batches = run.data.train_batches(0)
+    start = jax.device_get(state.params)
+    for step in range(2):
+        state, metrics = step_fn(state, next(batches), teacher_params, run.method.train_sparsity(step))
+    metrics = jax.device_get(metrics)
+    assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"])
+    assert {"loss_ratio", "loss_kd", "loss_token", "kept_fraction_2"} <= set(metrics)
+    params = jax.device_get(state.params)
+    assert not np.array_equal(params["layers_2"]["blocks_3"]["fast_path"]["fc"]["kernel"],
+                              start["layers_2"]["blocks_3"]["fast_path"]["fc"]["kernel"])
+    label = config.eval.densities[1]
+    evals = run.evaluate(state.params, 2)
+    assert evals[label]["kept_fraction"] == pytest.approx(4 / 16) and evals["dense"]["count"] == 40
+    run.ckpt.close()
+
+
+@pytest.mark.parametrize("model,locations,drop_path", [("convnext_tiny", (1, 2, 3), 0.2), ("swin_base", (2, 4, 6), 0.5)])
+def test_hierarchical_imagenet_config_recipe(model, locations, drop_path):
+    from saitjax.optim import param_groups_summary
+
+    c = load_config("dynamicvit_spatial_imagenet", f"model={model},init=dense.npz,rho=0.7")
+    assert c.model.startswith("dynamicvit_") and c.teacher == "init" and c.model_kwargs.drop_path_rate == drop_path
+    assert tuple(c.method_kwargs.locations) == locations and c.method_kwargs.ratio_weight == 10.0
+    assert tuple(c.eval.densities) == ("dense", "topk:0.7/0.49999999999999994/0.29999999999999993@"
+                                       + "/".join(map(str, locations)))
+    assert train.optimizer_config(c, 100, 10, 2).lr == pytest.approx(4e-3 * c.batch_size / 4096)
+    net = saitjax.create_model(c.model)
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"]
+    opt = train.optimizer_config(c, 300, 50, 10)
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    new = sum(x.size for path, x in flat if "predictor_" in jax.tree_util.keystr(path)
+              or "fast_path" in jax.tree_util.keystr(path))
+    total = sum(x.size for _, x in flat)
+    assert f"lr x0.2: {(total - new) / 1e6:.2f}M" in param_groups_summary(opt, shapes)
+    with pytest.raises(ValueError, match="choose one of"):
+        load_config("dynamicvit_spatial_imagenet", "model=convnext_huge")

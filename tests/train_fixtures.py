@@ -34,14 +34,14 @@ def tiny_config(**overrides):
     return c
 
 
-def tiny_arrays(n_train: int = 64, n_eval: int = 40, seed: int = 0):
-    """Four classes a ViT tells apart in a few steps: a class colour over noise."""
+def tiny_arrays(n_train: int = 64, n_eval: int = 40, seed: int = 0, size: int = 32):
+    """Four classes a ViT tells apart in a few steps: a class colour over noise (``size`` px)."""
     rng = np.random.default_rng(seed)
     colours = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], np.float32)
 
     def make(n):
         labels = rng.integers(0, 4, n)
-        images = rng.normal(0, 0.5, (n, 32, 32, 3)).astype(np.float32) + colours[labels][:, None, None]
+        images = rng.normal(0, 0.5, (n, size, size, 3)).astype(np.float32) + colours[labels][:, None, None]
         return images, labels
 
     return make(n_train) + make(n_eval)
@@ -50,7 +50,7 @@ def tiny_arrays(n_train: int = 64, n_eval: int = 40, seed: int = 0):
 def tiny_data(mesh, config, seed: int = 0):
     from saitjax.data.arrays import ArrayData
 
-    tr_x, tr_y, ev_x, ev_y = tiny_arrays(seed=seed)
+    tr_x, tr_y, ev_x, ev_y = tiny_arrays(seed=seed, size=config.data.image_size)
     return ArrayData(tr_x, tr_y, ev_x, ev_y, num_classes=4, batch_size=config.batch_size,
                      eval_batch_size=config.eval.batch_size, mesh=mesh, seed=config.seed)
 

@@ -81,11 +81,13 @@ def _renames(model: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple(getattr(type(model), "checkpoint_renames", ())) + BASE_RENAMES
 
 
-def _to_linen(value: np.ndarray, leaf: str) -> np.ndarray:
+def _to_linen(value: np.ndarray, leaf: str, want: tuple[int, ...] | None = None) -> np.ndarray:
     if leaf == "kernel" and value.ndim == 2:  # Linear (out, in) -> (in, out)
         return value.T
     if leaf == "kernel" and value.ndim == 4:  # Conv (out, in, kh, kw) -> (kh, kw, in, out)
-        return value.transpose(2, 3, 1, 0)
+        kernel = value.transpose(2, 3, 1, 0)
+        # A 1x1 conv where the model has a Dense (the official DynamicViT-ConvNeXt predictors).
+        return kernel[0, 0] if want is not None and len(want) == 2 and kernel.shape[:2] == (1, 1) else kernel
     return value
 
 
@@ -163,8 +165,8 @@ def _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, 
             unknown.append(f"{key} {tuple(value.shape)}")
             continue
         path = tuple(parent) + (target,)
-        value = _to_linen(value, target)
         want = shapes[path]
+        value = _to_linen(value, target, want)
         if path == ("pos_embed",) and value.shape != want and resize_pos_embed and value.ndim == 3:
             value = fit_pos_embed(value, model)
         if tuple(value.shape) != want:
@@ -192,18 +194,20 @@ def _convert(state_dict, model, expected, model_name, resize_pos_embed, strict, 
 
 
 def guess_model_name(state_dict: Mapping[str, Any]) -> str | None:
-    """Name of a registered DeiT (or Swin, STViT-R, ConvNeXt) whose backbone shapes match ``state_dict``, if any."""
+    """Name of a registered DeiT (or Swin, STViT-R, ConvNeXt, their DynamicViT variants) whose backbone shapes match ``state_dict``, if any."""
     from saitjax.models.deit import DEIT_SIZES
 
     sd = strip_wrappers(state_dict)
     if "cls_token" not in sd and "patch_embed.proj.weight" in sd:
+        from saitjax.models.dynamicvit_spatial import guess_dynamicvit_spatial_name
         from saitjax.models.swin import guess_swin_name
 
-        return guess_swin_name(sd)
+        return guess_dynamicvit_spatial_name(sd, guess_swin_name(sd))
     if "stem.0.weight" in sd or "downsample_layers.0.0.weight" in sd:  # timm / official ConvNeXt
         from saitjax.models.convnext import guess_convnext_name
+        from saitjax.models.dynamicvit_spatial import guess_dynamicvit_spatial_name
 
-        return guess_convnext_name(sd)
+        return guess_dynamicvit_spatial_name(sd, guess_convnext_name(sd))
     if "cls_token" not in sd and "patch_embed.proj.2.c.weight" in sd:
         from saitjax.models.stvitr import guess_stvitr_name
 

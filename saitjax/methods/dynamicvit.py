@@ -4,6 +4,12 @@
 + token_distill_weight * L_tok`` (methods.md §4.6). The teacher is the same network at the dense
 spec with the frozen initial weights (``config.teacher = "init"``); it needs no predictor
 parameters. Training runs the full token sequence in ``mask`` mode; evaluation gathers.
+
+One method for every backbone: the model says its schedule (``model.keep_schedule(rho)``: ``rho^s``
+of the tokens on a ViT, ``rho, rho - 0.2, rho - 0.4`` of the stage-3 locations on ConvNeXt/Swin)
+and what the token distillation covers (the kept tokens on a ViT; every location of the final
+normed map where ``model.distill_every_location``, as the official hierarchical loss, whose
+published weights are ``ratio_weight=10``, ``distill_weight=token_distill_weight=0.5``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax.numpy as jnp
 
 from saitjax import losses
 from saitjax.methods.base import Method, Metrics
-from saitjax.sparsity import SparsitySpec
+from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
 
@@ -81,6 +87,10 @@ class DynamicViTMethod(Method):
                              f"method_kwargs.locations={tuple(model_locations)}")
         if not 0.0 < kw["rho"] <= 1.0:
             raise ValueError(f"invalid config: method_kwargs.rho={kw['rho']} must lie in (0, 1]")
+        try:
+            self.model.keep_schedule(kw["rho"])
+        except SparsityError as err:
+            raise ValueError(f"invalid config: method_kwargs.rho={kw['rho']}: {err}") from None
         for key in ("ratio_weight", "distill_weight", "token_distill_weight"):
             if kw[key] < 0:
                 raise ValueError(f"invalid config: method_kwargs.{key}={kw[key]} must be >= 0")
@@ -95,8 +105,8 @@ class DynamicViTMethod(Method):
         return self.kw["distill_weight"] > 0 or self.kw["token_distill_weight"] > 0
 
     def train_sparsity(self, step: int) -> SparsitySpec:
-        """The same every step: rho^s at the predictor locations, masked (all tokens stay)."""
-        return SparsitySpec.hierarchical(self.kw["rho"], self.locations, mode="mask")
+        """The same every step: the model's schedule for rho, masked (all tokens stay)."""
+        return self.model.keep_schedule(self.kw["rho"], mode="mask")
 
     def loss(self, params: Any, images: Array, targets: Array, *, spec: SparsitySpec,
              rng: Array, teacher_params: Any | None) -> tuple[Array, Metrics]:
@@ -120,7 +130,9 @@ class DynamicViTMethod(Method):
             t_logits, t_tokens = self.teacher_outputs(teacher_params, images)
             p = self.model.num_prefix_tokens
             kd = losses.kl_to_teacher(logits, t_logits, kw["distill_temperature"])
-            tok = token_distill_loss(aux["tokens"][:, p:], t_tokens[:, p:], decisions[-1])
+            every = getattr(self.model, "distill_every_location", False)
+            covered = jnp.ones(t_tokens[:, p:].shape[:2], jnp.float32) if every else decisions[-1]
+            tok = token_distill_loss(aux["tokens"][:, p:], t_tokens[:, p:], covered)
             loss = loss + kw["distill_weight"] * kd + kw["token_distill_weight"] * tok
             metrics.update(loss_kd=kd, loss_token=tok)
         return loss, metrics

@@ -37,25 +37,41 @@ _dense_init = nn.initializers.truncated_normal(0.02)  # timm: trunc_normal_(std=
 
 
 class ConvNeXtBlock(nn.Module):
-    """``x + drop_path(gamma * MLP(LN(dwconv(x))))`` on a ``[B, H, W, C]`` map (timm's channels-last path)."""
+    """``x + drop_path(gamma * MLP(LN(dwconv(x))))`` on a ``[B, H, W, dim]`` map (timm's channels-last path).
 
+    Written with ``setup`` and two named halves, :meth:`token_mix` (the depthwise conv) and
+    :meth:`channel_mlp` (norm, MLP, layer scale), so that a routed variant (DynamicViT's
+    fast/slow paths) reuses them under the same parameter names.
+    """
+
+    dim: int
     kernel_size: int = 7
     mlp_ratio: float = 4.0
     ls_init_value: float | None = 1e-6
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        c, k = x.shape[-1], self.kernel_size
-        y = nn.Conv(c, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), feature_group_count=c,
-                    dtype=self.dtype, kernel_init=_dense_init, name="conv_dw")(x)
-        y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(y)
-        y = Mlp(self.mlp_ratio, 0.0, self.dtype, name="mlp")(y, train)
+    def setup(self):
+        k = self.kernel_size
+        self.conv_dw = nn.Conv(self.dim, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
+                               feature_group_count=self.dim, dtype=self.dtype, kernel_init=_dense_init)
+        self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+        self.mlp = Mlp(self.mlp_ratio, 0.0, self.dtype)
         if self.ls_init_value is not None:
-            gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value), (c,))
-            y = y * gamma.astype(y.dtype)
-        return x + DropPath(self.drop_path_rate)(y, train)
+            self.gamma = self.param("gamma", nn.initializers.constant(self.ls_init_value), (self.dim,))
+        self.drop_path = DropPath(self.drop_path_rate)
+
+    def token_mix(self, x: Array, train: bool = False) -> Array:
+        """The spatial part: the depthwise conv."""
+        return self.conv_dw(x)
+
+    def channel_mlp(self, u: Array, train: bool = False) -> Array:
+        """The point-wise part on the mixed map: ``gamma * MLP(LN(u))`` (before drop path)."""
+        y = self.mlp(self.norm(u), train)
+        return y * self.gamma.astype(y.dtype) if self.ls_init_value is not None else y
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        return x + self.drop_path(self.channel_mlp(self.token_mix(x, train), train), train)
 
 
 class ConvNeXtDownsample(nn.Module):
@@ -87,23 +103,37 @@ class ConvNeXtStem(nn.Module):
 
 
 class ConvNeXtStage(nn.Module):
-    """One stage: optional downsample to ``dim``, then ``len(drop_path_rates)`` blocks."""
+    """One stage: optional downsample to ``dim``, then ``len(drop_path_rates)`` blocks.
+
+    Blocks from index ``routed_from`` on are built as ``routed_block`` (same arguments) when it is
+    given: how DynamicViT's ConvNeXt puts its fast/slow blocks into stage 3 without a copy of the stage.
+    """
 
     dim: int
     drop_path_rates: Sequence[float]
-    downsample: bool = False
+    has_downsample: bool = False
     kernel_size: int = 7
     mlp_ratio: float = 4.0
     ls_init_value: float | None = 1e-6
     dtype: Any = jnp.float32
+    routed_block: Any = None
+    routed_from: int = 0
 
-    @nn.compact
+    def setup(self):
+        self.downsample = ConvNeXtDownsample(self.dim, self.dtype) if self.has_downsample else None
+        self.blocks = [(self.routed_block if self.routed_block is not None and j >= self.routed_from
+                        else ConvNeXtBlock)(dim=self.dim, kernel_size=self.kernel_size, mlp_ratio=self.mlp_ratio,
+                                            ls_init_value=self.ls_init_value, drop_path_rate=rate, dtype=self.dtype)
+                       for j, rate in enumerate(self.drop_path_rates)]
+
+    def enter(self, x: Array) -> Array:
+        """The map the blocks see: downsampled if this stage downsamples."""
+        return x if self.downsample is None else self.downsample(x)
+
     def __call__(self, x: Array, train: bool = False) -> Array:
-        if self.downsample:
-            x = ConvNeXtDownsample(self.dim, self.dtype, name="downsample")(x)
-        for j, rate in enumerate(self.drop_path_rates):
-            x = ConvNeXtBlock(self.kernel_size, self.mlp_ratio, self.ls_init_value, rate, self.dtype,
-                              name=f"blocks_{j}")(x, train)
+        x = self.enter(x)
+        for block in self.blocks:
+            x = block(x, train)
         return x
 
 
@@ -112,8 +142,9 @@ class ConvNeXt(HierarchicalBackbone, nn.Module):
 
     ``aux``: ``features`` (tuple of the four stage outputs ``[B, H_i, W_i, C_i]``, NHWC, in order,
     before the head norm: what detection/segmentation necks and a later token-sparse variant read),
-    ``tokens`` (the last map flattened, ``[B, H_4*W_4, C_4]``; ConvNeXt norms only the pooled
-    vector, so these are un-normed), and empty ``keep_masks`` / ``keep_indices`` (nothing is pruned).
+    ``tokens`` (the last map flattened, ``[B, H_4*W_4, C_4]``, with the head's LayerNorm applied
+    at every location -- ConvNeXt's classifier norms only the pooled vector; these are the
+    per-location features DynamicViT distils, as its official teacher computes them), and empty ``keep_masks`` / ``keep_indices`` (nothing is pruned).
     """
 
     num_classes: int = 1000
@@ -163,19 +194,23 @@ class ConvNeXt(HierarchicalBackbone, nn.Module):
         """Images ``[B, H, W, in_chans]`` -> map ``[B, H/4, W/4, dims[0]]``; called as ``stem(x, train)``."""
         return ConvNeXtStem(self.patch_size, self.dims[0], self.dtype)
 
-    def build_stage(self, i: int) -> nn.Module:
-        """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``."""
-        return ConvNeXtStage(self.dims[i], self.drop_path_rates()[i], downsample=i > 0,
+    def build_stage(self, i: int, **overrides: Any) -> nn.Module:
+        """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``.
+        ``overrides``: further :class:`ConvNeXtStage` fields (a routed block type)."""
+        return ConvNeXtStage(self.dims[i], self.drop_path_rates()[i], has_downsample=i > 0,
                              kernel_size=self.kernel_size, mlp_ratio=self.mlp_ratio,
-                             ls_init_value=self.ls_init_value, dtype=self.dtype)
+                             ls_init_value=self.ls_init_value, dtype=self.dtype, **overrides)
 
     def embed(self, images: Array, train: bool) -> Array:
         """The stem: the first map of :meth:`forward_features`."""
         return self.stem(images, train)
 
-    def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
+    def run_stage(self, i: int, x: Array, train: bool, aux: Aux, sparsity: SparsitySpec | None) -> Array:
         """Run stage ``i`` (a subclass whose stage reports more may add entries to ``aux``)."""
         return self.stages[i](x, train)
+
+    def stage_module(self, i: int) -> nn.Module:
+        return self.stages[i]
 
     def setup(self):
         self.check_geometry()
@@ -197,7 +232,7 @@ class ConvNeXt(HierarchicalBackbone, nn.Module):
         b, h, w, c = x.shape
         pooled = self.norm(jnp.mean(x, axis=(1, 2)))
         logits = self.head(self.head_drop(pooled, deterministic=not train)).astype(jnp.float32)
-        aux["tokens"] = x.reshape(b, h * w, c)
+        aux["tokens"] = self.norm(x).reshape(b, h * w, c)
         return logits, aux
 
     # -- FLOPs (fvcore convention: MACs of convs and linear layers; norms, GELU, pooling not counted)

@@ -96,9 +96,13 @@ class DynamicViT(VisionTransformer):
         self.predictor = [Predictor(self.predictor_eps, self.dtype)
                           for _ in self.predictor_locations]
 
+    def keep_schedule(self, rho: float, mode: str = "gather") -> SparsitySpec:
+        """DynamicViT's schedule for keep rate ``rho``: ``rho^s`` at ``predictor_locations``."""
+        return SparsitySpec.hierarchical(rho, self.predictor_locations, mode)
+
     def default_sparsity(self) -> SparsitySpec:
         """The schedule the model was trained for: ``keep_rho^s`` at ``predictor_locations``."""
-        return SparsitySpec.hierarchical(self.keep_rho, self.predictor_locations)
+        return self.keep_schedule(self.keep_rho)
 
     def __call__(self, images: Array, *, train: bool = False,
                  sparsity: SparsitySpec | None = None) -> tuple[Array, Aux]:

@@ -25,7 +25,7 @@ class HierarchicalBackbone:
     The model provides the fields ``img_size``, ``patch_size``, ``in_chans``, ``depths``,
     ``num_classes``, ``drop_path_rate``, ``dtype``, an ``embed_dim`` (field or property), the
     property ``stage_dims``, the class attribute ``family`` (its name in messages) and the methods
-    ``check_geometry``, ``check_images``, ``embed``, ``run_stage`` and ``stage_macs``.
+    ``check_geometry``, ``check_images``, ``embed``, ``run_stage``, ``stage_module`` and ``stage_macs``.
     """
 
     # -- static geometry (the zoo's attributes) -----------------------------------------------
@@ -91,7 +91,7 @@ class HierarchicalBackbone:
         x = self.embed(images.astype(self.dtype), train)
         features = []
         for i in range(self.num_stages):
-            x = self.run_stage(i, x, train, aux)
+            x = self.run_stage(i, x, train, aux, sparsity)
             features.append(x)
         aux["features"] = tuple(features)
         return x, aux
@@ -107,4 +107,9 @@ class HierarchicalBackbone:
         self.check_geometry()
         self.check_spec(spec)
         return (self.stem_macs() + sum(self.stage_macs(i) for i in range(self.num_stages))
-                + self.num_features * self.num_classes)
+                + self.num_features * self.num_classes + self.sparsity_macs(spec))
+
+    def sparsity_macs(self, spec: SparsitySpec | None) -> float:
+        """MACs that ``spec`` adds to (predictors) or removes from (cheap paths) the dense forward;
+        none for a dense backbone."""
+        return 0.0

@@ -41,6 +41,7 @@ from saitjax.models.swin import LN_EPS, SWIN_SIZES, PatchMerging, SwinBlock, Swi
 from saitjax.models import token_ops
 from saitjax.models.token_ops import adaptive_max_pool
 from saitjax.models.vit import Aux, DropPath, Mlp
+from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array
 
@@ -321,9 +322,9 @@ class STViTRSwin(SwinTransformer):
                              self.use_global, self.layer_scale_init, self.mlp_ratio, self.qkv_bias, self.drop_rate,
                              self.dtype)
 
-    def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
+    def run_stage(self, i: int, x: Array, train: bool, aux: Aux, sparsity: SparsitySpec | None) -> Array:
         if i != 2:
-            return super().run_stage(i, x, train, aux)
+            return super().run_stage(i, x, train, aux, sparsity)
         x, info = self.layers[2](x, train)
         aux.update(info)
         return x

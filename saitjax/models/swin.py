@@ -76,6 +76,9 @@ class SwinBlock(nn.Module):
 
     ``window_size`` and ``shift_size`` are the ones actually used (see
     :func:`saitjax.models.token_ops.effective_window`); the map side must be a multiple of the window.
+    Written with ``setup`` and two named halves, :meth:`token_mix` (``x + attention``) and
+    :meth:`channel_mlp` (``MLP(LN(.))``), so that a routed variant (DynamicViT's fast/slow paths)
+    reuses them under the same parameter names.
     """
 
     num_heads: int
@@ -87,25 +90,33 @@ class SwinBlock(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def setup(self):
+        self.norm1 = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+        self.attn = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.drop_rate, self.dtype)
+        self.norm2 = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+        self.mlp = Mlp(self.mlp_ratio, self.drop_rate, self.dtype)
+        self.drop_path = DropPath(self.drop_path_rate)
+
+    def token_mix(self, x: Array, train: bool = False) -> Array:
+        """``x + drop_path(W-MSA(LN(x)))``: the attention half with its residual."""
         b, height, width, c = x.shape
         w, s = self.window_size, self.shift_size
         if height != width or height % w:
             raise ValueError(f"SwinBlock: a {height}x{width} map is not square or not a multiple of window_size={w}")
-        drop_path = DropPath(self.drop_path_rate)
-        y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm1")(x)
-        y = token_ops.cyclic_shift(y, -s)
+        y = token_ops.cyclic_shift(self.norm1(x), -s)
         windows = token_ops.window_partition(y, w)
         nw = windows.shape[1]
-        mask = token_ops.shifted_window_mask(height, w, s)
-        y = WindowAttention(self.num_heads, w, self.qkv_bias, self.drop_rate, self.dtype, name="attn")(
-            windows.reshape(b, nw, w * w, c), mask, train)
+        y = self.attn(windows.reshape(b, nw, w * w, c), token_ops.shifted_window_mask(height, w, s), train)
         y = token_ops.cyclic_shift(token_ops.window_reverse(y.reshape(b, nw, w, w, c), height, width), s)
-        x = x + drop_path(y, train)
-        y = Mlp(self.mlp_ratio, self.drop_rate, self.dtype, name="mlp")(
-            nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm2")(x), train)
-        return x + drop_path(y, train)
+        return x + self.drop_path(y, train)
+
+    def channel_mlp(self, u: Array, train: bool = False) -> Array:
+        """The point-wise half: ``MLP(LN(u))`` (before drop path)."""
+        return self.mlp(self.norm2(u), train)
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = self.token_mix(x, train)
+        return x + self.drop_path(self.channel_mlp(x, train), train)
 
 
 class PatchMerging(nn.Module):
@@ -125,27 +136,43 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """One stage: optional PatchMerging (``downsample``), then ``len(drop_path_rates)`` blocks whose
-    odd members shift by half a window. ``resolution`` is the map side after the downsample."""
+    """One stage: optional PatchMerging (``has_downsample``), then ``len(drop_path_rates)`` blocks whose
+    odd members shift by half a window. ``resolution`` is the map side after the downsample.
+
+    Blocks from index ``routed_from`` on are built as ``routed_block`` (same arguments) when it is
+    given: how DynamicViT's Swin puts its fast/slow blocks into stage 3 without a copy of the stage.
+    """
 
     resolution: int
     num_heads: int
     window_size: int
     drop_path_rates: Sequence[float]
-    downsample: bool = False
+    has_downsample: bool = False
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
+    routed_block: Any = None
+    routed_from: int = 0
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        if self.downsample:
-            x = PatchMerging(dtype=self.dtype, name="downsample")(x)
+    def setup(self):
+        self.downsample = PatchMerging(dtype=self.dtype) if self.has_downsample else None
+        blocks = []
         for j, rate in enumerate(self.drop_path_rates):
             w, s = token_ops.effective_window(self.resolution, self.window_size, self.window_size // 2 if j % 2 else 0)
-            x = SwinBlock(self.num_heads, w, s, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate, self.dtype,
-                          name=f"blocks_{j}")(x, train)
+            cls = self.routed_block if self.routed_block is not None and j >= self.routed_from else SwinBlock
+            blocks.append(cls(num_heads=self.num_heads, window_size=w, shift_size=s, mlp_ratio=self.mlp_ratio,
+                              qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, drop_path_rate=rate, dtype=self.dtype))
+        self.blocks = blocks
+
+    def enter(self, x: Array) -> Array:
+        """The map the blocks see: merged if this stage downsamples."""
+        return x if self.downsample is None else self.downsample(x)
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = self.enter(x)
+        for block in self.blocks:
+            x = block(x, train)
         return x
 
 
@@ -228,19 +255,23 @@ class SwinTransformer(HierarchicalBackbone, nn.Module):
         """Images ``[B, H, W, in_chans]`` -> map ``[B, H/4, W/4, embed_dim]``; called as ``stem(x, train)``."""
         return SwinPatchEmbed(self.patch_size, self.embed_dim, self.dtype)
 
-    def build_stage(self, i: int) -> nn.Module:
-        """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``."""
+    def build_stage(self, i: int, **overrides: Any) -> nn.Module:
+        """Stage ``i``: a map ``[B, H, W, C_{i-1}]`` -> ``[B, H', W', C_i]``; called as ``stage(x, train)``.
+        ``overrides``: further :class:`SwinStage` fields (a routed block type)."""
         return SwinStage(self.stage_resolutions[i], self.num_heads[i], self.window_size, self.drop_path_rates()[i],
-                         downsample=i > 0, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
-                         drop_rate=self.drop_rate, dtype=self.dtype)
+                         has_downsample=i > 0, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                         drop_rate=self.drop_rate, dtype=self.dtype, **overrides)
 
     def embed(self, images: Array, train: bool) -> Array:
         """Stem then dropout: the first map of :meth:`forward_features`."""
         return self.pos_drop(self.patch_embed(images, train), deterministic=not train)
 
-    def run_stage(self, i: int, x: Array, train: bool, aux: Aux) -> Array:
+    def run_stage(self, i: int, x: Array, train: bool, aux: Aux, sparsity: SparsitySpec | None) -> Array:
         """Run stage ``i`` (a subclass whose stage reports more may add entries to ``aux``)."""
         return self.layers[i](x, train)
+
+    def stage_module(self, i: int) -> nn.Module:
+        return self.layers[i]
 
     def setup(self):
         self.check_geometry()
