@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                              "explicit ratios 0.7,0.49,0.343; repeat the flag for several")
     parser.add_argument("--density", action="append", default=[],
                         help="sparse variant(s) as density strings, e.g. mass:0.9@3 (SaiT, per-image "
-                             "counts in capacity buckets), value:1.0@3, topk:0.7@3/6/9; repeatable")
+                             "counts in capacity buckets), value:1.0@3, topk:0.7@3/6/9, or 'default' (the "
+                             "model's own schedule, e.g. DynamicViT-Swin's 0.7/0.5/0.3); repeatable")
     parser.add_argument("--locations", default="3,6,9", help="prune before these blocks (0-based)")
     parser.add_argument("--params", default=None, help="params .npz/.safetensors (default: random init)")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant (median reported)")
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
         locations = tuple(int(l) for l in args.locations.split(","))
         specs = ([SparsitySpec.dense()] + [parse_keep(k, locations) for k in args.keep]
-                 + [parse_density(d, locations) for d in args.density])
+                 + [saitjax.create_model(args.model).default_sparsity() if d.strip() == "default"
+                    else parse_density(d, locations) for d in args.density])
         print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs; "
               f"{_environment()}")
         rows = run(args.model, batch_sizes, specs, runs=args.runs, warmup=args.warmup,
