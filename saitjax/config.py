@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", manual_dir="", train_split="train",
         eval_split="validation", image_size=224, crop_scale=(0.08, 1.0), hflip=True,
-        randaugment="rand-m9-mstd0.5", crop_pct=0.875, mean=(0.485, 0.456, 0.406),
+        randaugment="rand-m9-mstd0.5-inc1", crop_pct=0.875, mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225), shuffle_buffer=10_000, cache=False))
     c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
                                              label_smoothing=0.1, prob=1.0))
@@ -139,7 +139,7 @@ def imagenet_data(c: ml_collections.ConfigDict, data_dir: str = "", manual_dir: 
     c.data.data_dir = data_dir
     c.data.manual_dir = manual_dir
     c.data.train_split, c.data.eval_split = "train", "validation"
-    c.data.randaugment = "rand-m9-mstd0.5"
+    c.data.randaugment = "rand-m9-mstd0.5-inc1"
     c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
 
 
