@@ -51,8 +51,10 @@ def initialize_distributed(flag: bool | None = None, **kwargs: Any) -> None:
 
 def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D ``data`` mesh over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    devices = jax.devices() if devices is None else list(devices)
+    # Auto axes: shardings are propagated by the compiler (jax.make_mesh defaults to Explicit
+    # axes, which would make every op's sharding part of its type).
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

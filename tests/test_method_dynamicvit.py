@@ -338,3 +338,17 @@ def test_hierarchical_imagenet_config_recipe(model, locations, drop_path):
     assert f"lr x0.2: {(total - new) / 1e6:.2f}M" in param_groups_summary(opt, shapes)
     with pytest.raises(ValueError, match="choose one of"):
         load_config("dynamicvit_spatial_imagenet", "model=convnext_huge")
+
+
+def test_hierarchical_demo_configs():
+    with pytest.raises(ValueError, match=r"demo_dense.py:model=swin_demo_patch2_window4_64.*init="):
+        load_config("dynamicvit_spatial_demo")
+    c = load_config("dynamicvit_spatial_demo", "init=/tmp/dense.npz")
+    assert (c.model, c.method, c.teacher) == ("dynamicvit_swin_demo_patch2_window4_64", "dynamicvit", "init")
+    model = saitjax.create_model(c.model)
+    assert model.routed_locations == 64 and model.slow_counts(model.default_sparsity()) == (44, 31, 19)
+    assert tuple(c.eval.densities) == ("dense", model.keep_schedule(0.7).describe())
+    dense = load_config("demo_dense", "model=swin_demo_patch2_window4_64")
+    assert dense.model == "swin_demo_patch2_window4_64" and dense.model_kwargs.num_classes == 8
+    with pytest.raises(ValueError, match="the dense demos are"):
+        load_config("demo_dense", "model=convnext_tiny")

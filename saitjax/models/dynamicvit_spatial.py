@@ -33,7 +33,7 @@ from saitjax.models.convnext import CONVNEXT_SIZES, ConvNeXt, ConvNeXtBlock
 from saitjax.models.dynamicvit import Predictor, predictor_macs
 from saitjax.models.registry import register_model
 from saitjax.models.spatial_routing import FastPath, RoutedBlock, run_routed_blocks
-from saitjax.models.swin import SWIN_SIZES, SwinBlock, SwinTransformer
+from saitjax.models.swin import SWIN_DEMO_GEOMETRY, SWIN_SIZES, SwinBlock, SwinTransformer
 from saitjax.models.vit import Aux
 from saitjax.sparsity import SparsityError, SparsitySpec
 
@@ -244,6 +244,10 @@ def _register() -> None:
     register_model("dynamicvit_convnext_test", DynamicViTConvNeXt,
                    "test-size DynamicViT-ConvNeXt: 64 px (stage-3 map 4x4), dims 16/32/64/128, depths 1/1/4/1",
                    tags=("dynamicvit_spatial", "dynamicvit_spatial_test"), **CONVNEXT_TEST)
+    register_model("dynamicvit_swin_demo_patch2_window4_64", DynamicViTSwin,
+                   "demo-size DynamicViT-Swin (swin_demo_patch2_window4_64): predictors before stage-3 blocks 1, 2, "
+                   "3, slow path on 44 / 31 / 19 of the 8x8 locations", tags=("dynamicvit_spatial", "demo"),
+                   predictor_locations=(1, 2, 3), **SWIN_DEMO_GEOMETRY)
     register_model("dynamicvit_swin_test_patch4_window4_64", DynamicViTSwin,
                    "test-size DynamicViT-Swin: 64 px, window 4 (stage-3 map 4x4), width 32, depths 2/2/4/2",
                    tags=("dynamicvit_spatial", "dynamicvit_spatial_test"), **SWIN_TEST)

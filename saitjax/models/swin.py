@@ -336,6 +336,10 @@ SWIN_SIZES = {"tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "small": (96, (2, 2, 1
 # shifted (masked) odd blocks; stage 1's window equals its 4x4 map (no shift); stages 2-3 shrink it.
 SWIN_TEST_GEOMETRY = dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
                           num_heads=(2, 4, 8, 16), num_classes=10)
+# Demo size for the generated 64-px dataset (2 CPU cores, ~100 img/s per training step): patch 2 ->
+# maps 32, 16, 8, 4 with window 4, so stage 3 has 64 locations in 4 (shifted) windows.
+SWIN_DEMO_GEOMETRY = dict(img_size=64, patch_size=2, window_size=4, embed_dim=24, depths=(1, 1, 6, 1),
+                          num_heads=(1, 2, 4, 8), num_classes=8)
 
 
 def guess_swin_name(state_dict: Mapping[str, Any]) -> str | None:
@@ -360,6 +364,9 @@ def _register() -> None:
     register_model("swin_test_patch4_window4_32", SwinTransformer,
                    "test-size Swin: 32 px, patch 4, window 4 (maps 8/4/2/1), width 32, depths 2/2/2/2",
                    tags=("swin", "swin_test"), **SWIN_TEST_GEOMETRY)
+    register_model("swin_demo_patch2_window4_64", SwinTransformer,
+                   "demo-size Swin: 64 px, patch 2, window 4 (maps 32/16/8/4), width 24, depths 1/1/6/1",
+                   tags=("swin", "demo"), **SWIN_DEMO_GEOMETRY)
 
 
 _register()
