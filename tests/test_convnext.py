@@ -183,3 +183,28 @@ def test_parity_with_timm_convnext_tiny_224():
     model = saitjax.create_model("convnext_tiny")
     params = convert_state_dict(state_dict, model, model_name="convnext_tiny")
     assert max_logit_diff(reference, model, params, 224) < 1e-4
+
+
+def test_depthwise_conv_ways_agree_in_value_and_gradient():
+    """The CPU formulation (shifted adds with a written-out gradient) is the grouped convolution."""
+    from saitjax.models.convnext import DepthwiseConv, depthwise_shifted
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(7, 7, 1, 5)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), jnp.float32)
+
+    def grouped(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=5)
+
+    np.testing.assert_allclose(depthwise_shifted(x, kernel), grouped(x, kernel), atol=1e-5)
+    ours = jax.grad(lambda a, k: jnp.sum(depthwise_shifted(a, k) * weights), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(lambda a, k: jnp.sum(grouped(a, k) * weights), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    conv = DepthwiseConv(7, "grouped")
+    variables = conv.init(jax.random.key(0), x)
+    np.testing.assert_allclose(DepthwiseConv(7, "shifted").apply(variables, x), conv.apply(variables, x), atol=1e-5)
+    with pytest.raises(ValueError, match="choose one of"):
+        DepthwiseConv(7, "fft").init(jax.random.key(0), x)

