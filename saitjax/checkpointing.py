@@ -9,6 +9,7 @@ most ``max_to_keep`` are kept. Restoring uses abstract arrays carrying the shard
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -60,6 +61,22 @@ class CheckpointCorruptError(RuntimeError):
     """No checkpoint of the workdir can be read."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions): the run stops there; the
+    checkpoints written before are complete (orbax renames a save into place only when it is done)."""
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The ``errno`` of the first ``OSError`` in ``err``'s chain (orbax and TensorStore wrap them)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _quiet_abandoned_reads(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """An ``sys.unraisablehook`` that drops what a failed orbax restore leaves behind and passes
     everything else on. When one array of a damaged checkpoint cannot be read, orbax abandons the
@@ -109,6 +126,8 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
+        self._pending: int | None = None  # the step whose (asynchronous) save may still fail
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -122,12 +141,43 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], *, force: bool = True) -> bool:
-        """Start an (asynchronous) save of ``state`` at ``step``; ``wait()`` to block on it."""
-        saved = self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)), force=force)
+        """Start an (asynchronous) save of ``state`` at ``step``; ``wait()`` to block on it.
+
+        A failed write -- this one, or the previous asynchronous one, which orbax reports here --
+        raises :class:`CheckpointSaveError` naming its step, once."""
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as err:  # noqa: BLE001 - any way a write can fail
+            failed = self._pending if self._pending is not None and not self._is_complete(self._pending) else step
+            raise self._save_error(failed, err) from None
         if saved:
+            self._pending = step
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
+
+    def _is_complete(self, step: int) -> bool:
+        try:
+            return step in self._manager.all_steps()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _save_error(self, step: int, err: BaseException) -> CheckpointSaveError:
+        self._failed = True
+        try:
+            done = [s for s in self._manager.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - the directory itself may be unreadable now
+            done = []
+        kept = (f"the newest complete checkpoint is step {max(done)}" if done else "no complete checkpoint exists yet")
+        code = _errno_of(err)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            why = "the disk is full (or over quota): free space or point --workdir elsewhere"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "the workdir is not writable: fix its permissions or point --workdir elsewhere"
+        else:
+            why = "fix the cause"
+        return CheckpointSaveError(f"checkpoint of step {step} could not be written to {self.directory} "
+                                   f"({_brief(err)}); {why}, then run the same command to resume ({kept})")
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
@@ -192,11 +242,24 @@ class Checkpointer:
         return str(target)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the pending save is on disk (:class:`CheckpointSaveError` if it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any way a write can fail
+            if self._failed:  # reported already
+                return
+            raise self._save_error(self._pending if self._pending is not None else -1, err) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending writes and release the manager; a failure already reported is not raised again."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - closing after a failed write must not hide that failure
+                if not self._failed:
+                    raise
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:

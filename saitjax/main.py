@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     set_log_levels(_VERBOSE.value)
     from saitjax import train
     from saitjax import workdir as workdir_lib
-    from saitjax.checkpointing import CheckpointCorruptError, CheckpointMismatchError
+    from saitjax.checkpointing import CheckpointCorruptError, CheckpointMismatchError, CheckpointSaveError
 
     try:
         config = _config_or_error()
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, train.NonFiniteLossError, CheckpointMismatchError,
-            CheckpointCorruptError, workdir_lib.WorkdirBusyError) as err:
+            CheckpointCorruptError, CheckpointSaveError, workdir_lib.WorkdirBusyError) as err:
         return _fail(str(err))
     print(json.dumps({"workdir": workdir, "eval": results}, indent=2))
     return 0
