@@ -40,6 +40,22 @@ def _random_params(model, seed=0):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def _loss_and_outputs(method, model, params, teacher, images, targets, spec):
+    """The method's loss and metrics, plus the same student and teacher forwards as inside the
+    loss (same rngs), to recompute every term by hand."""
+    key = jax.random.key(3)
+
+    @jax.jit
+    def run(p, t):
+        loss, metrics = method.loss(p, images, targets, spec=spec, rng=key, teacher_params=t)
+        dropout_rng, gumbel_rng = jax.random.split(key)
+        student = model.apply({"params": p}, images, train=True, sparsity=spec,
+                              rngs={"dropout": dropout_rng, "gumbel": gumbel_rng})
+        return loss, metrics, student, model.apply({"params": t}, images, sparsity=SparsitySpec.dense())
+
+    return run(params, teacher)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure loss terms
 # ----------------------------------------------------------------------------------------------
@@ -93,18 +109,8 @@ def test_method_loss_terms_equal_numpy():
     targets = jax.nn.one_hot(jnp.array([0, 1, 2, 3, 0, 1]), 4) * 0.9 + 0.1 / 4
     spec = method.train_sparsity(0)
     assert spec == SparsitySpec.hierarchical(0.7, (1, 2, 3), mode="mask")
-    key = jax.random.key(3)
-
-    @jax.jit
-    def loss_and_outputs(p, t):
-        loss, metrics = method.loss(p, images, targets, spec=spec, rng=key, teacher_params=t)
-        # the same forward passes as inside the loss, to recompute every term by hand
-        dropout_rng, gumbel_rng = jax.random.split(key)
-        student = model.apply({"params": p}, images, train=True, sparsity=spec,
-                              rngs={"dropout": dropout_rng, "gumbel": gumbel_rng})
-        return loss, metrics, student, model.apply({"params": t}, images, sparsity=SparsitySpec.dense())
-
-    loss, metrics, (logits, aux), (t_logits, t_aux) = loss_and_outputs(params, teacher)
+    loss, metrics, (logits, aux), (t_logits, t_aux) = _loss_and_outputs(method, model, params, teacher, images,
+                                                                        targets, spec)
     logits, t_logits, y = np.asarray(logits, np.float64), np.asarray(t_logits, np.float64), np.asarray(targets)
     cls = -(y * _log_softmax(logits)).sum(-1).mean()
     d = [np.asarray(x) for x in aux["decisions"]]
@@ -256,17 +262,8 @@ def test_hierarchical_loss_terms_equal_numpy(name):
                                   for k, v in tree.items() if not k.startswith("predictor_") and k != "fast_path"}
     teacher = jax.tree.map(lambda a: a + rng.normal(0, 0.05, a.shape).astype(np.float32), backbone_only(params))
     targets = jax.nn.one_hot(jnp.array([0, 1, 2]), 4) * 0.9 + 0.1 / 4
-    key = jax.random.key(3)
-
-    @jax.jit
-    def loss_and_outputs(p, t):
-        loss, metrics = method.loss(p, images, targets, spec=spec, rng=key, teacher_params=t)
-        dropout_rng, gumbel_rng = jax.random.split(key)
-        student = model.apply({"params": p}, images, train=True, sparsity=spec,
-                              rngs={"dropout": dropout_rng, "gumbel": gumbel_rng})
-        return loss, metrics, student, model.apply({"params": t}, images, sparsity=SparsitySpec.dense())
-
-    loss, metrics, (logits, aux), (t_logits, t_aux) = loss_and_outputs(params, teacher)
+    loss, metrics, (logits, aux), (t_logits, t_aux) = _loss_and_outputs(method, model, params, teacher, images,
+                                                                        targets, spec)
     logits, t_logits, y = np.asarray(logits, np.float64), np.asarray(t_logits, np.float64), np.asarray(targets)
     cls = -(y * _log_softmax(logits)).sum(-1).mean()
     d = [np.asarray(x) for x in aux["decisions"]]

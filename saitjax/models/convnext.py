@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saitjax.models.hierarchical import HierarchicalBackbone
+from saitjax.models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
 from saitjax.sparsity import SparsitySpec
@@ -183,7 +183,7 @@ class ConvNeXtStem(nn.Module):
         return nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
-class ConvNeXtStage(nn.Module):
+class ConvNeXtStage(HierarchicalStage, nn.Module):
     """One stage: optional downsample to ``dim``, then ``len(drop_path_rates)`` blocks.
 
     Blocks from index ``routed_from`` on are built as ``routed_block`` (same arguments) when it is
@@ -209,15 +209,6 @@ class ConvNeXtStage(nn.Module):
                                             depthwise_impl=self.depthwise_impl)
                        for j, rate in enumerate(self.drop_path_rates)]
 
-    def enter(self, x: Array) -> Array:
-        """The map the blocks see: downsampled if this stage downsamples."""
-        return x if self.downsample is None else self.downsample(x)
-
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = self.enter(x)
-        for block in self.blocks:
-            x = block(x, train)
-        return x
 
 
 class ConvNeXt(HierarchicalBackbone, nn.Module):

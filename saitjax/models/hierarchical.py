@@ -113,3 +113,19 @@ class HierarchicalBackbone:
         """MACs that ``spec`` adds to (predictors) or removes from (cheap paths) the dense forward;
         none for a dense backbone."""
         return 0.0
+
+
+class HierarchicalStage:
+    """Mixin for a stage module (``setup`` style) with ``downsample`` (a module or ``None``) and
+    ``blocks``: the forward every stage shares, and :meth:`enter` for a model that runs the blocks
+    itself (DynamicViT routing stage 3)."""
+
+    def enter(self, x: Array) -> Array:
+        """The map the blocks see: downsampled first if this stage downsamples."""
+        return x if self.downsample is None else self.downsample(x)
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = self.enter(x)
+        for block in self.blocks:
+            x = block(x, train)
+        return x

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saitjax.models import token_ops
-from saitjax.models.hierarchical import HierarchicalBackbone
+from saitjax.models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
 from saitjax.sparsity import SparsitySpec
@@ -135,7 +135,7 @@ class PatchMerging(nn.Module):
                         name="reduction")(x)
 
 
-class SwinStage(nn.Module):
+class SwinStage(HierarchicalStage, nn.Module):
     """One stage: optional PatchMerging (``has_downsample``), then ``len(drop_path_rates)`` blocks whose
     odd members shift by half a window. ``resolution`` is the map side after the downsample.
 
@@ -165,15 +165,6 @@ class SwinStage(nn.Module):
                               qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, drop_path_rate=rate, dtype=self.dtype))
         self.blocks = blocks
 
-    def enter(self, x: Array) -> Array:
-        """The map the blocks see: merged if this stage downsamples."""
-        return x if self.downsample is None else self.downsample(x)
-
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = self.enter(x)
-        for block in self.blocks:
-            x = block(x, train)
-        return x
 
 
 class SwinPatchEmbed(nn.Module):
