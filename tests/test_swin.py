@@ -134,8 +134,9 @@ def test_clear_errors():
 
 
 def test_registry_and_zoo_attributes():
-    assert saitjax.list_models("swin_*") == ["swin_base_patch4_window7_224", "swin_small_patch4_window7_224",
-                                             "swin_test_patch4_window4_32", "swin_tiny_patch4_window7_224"]
+    assert saitjax.list_models("swin_*") == ["swin_base_patch4_window7_224", "swin_demo_patch2_window4_64",
+                                             "swin_small_patch4_window7_224", "swin_test_patch4_window4_32",
+                                             "swin_tiny_patch4_window7_224"]
     assert NAME not in saitjax.list_models(tag="test")  # ViT-only invariants must not pick it up
     assert saitjax.list_models(tag="swin_test") == [NAME]
     entry = saitjax.model_entry("swin_small_patch4_window7_224")
