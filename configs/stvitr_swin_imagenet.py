@@ -10,7 +10,7 @@ Published: STViT-R-Swin-S 82.7 % top-1 (log max 82.65) at 5.83 GFLOPs (fvcore; s
 
 Recipe (config.py + logs): 300 epochs at batch 1024 (64 x 16 GPUs), AdamW (0.9, 0.999), lr 5e-4
 per 512 (1e-3 at 1024), 20 warm-up epochs, cosine to 1e-5, weight decay 0.05, gradient clipping
-at 5, label smoothing 0.1, RandAugment m9-mstd0.5, mixup 0.8 / cutmix 1.0, drop-path 0.2 (T) /
+at 5, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8 / cutmix 1.0, drop-path 0.2 (T) /
 0.3 (S) / 0.4 (B); cross-entropy only. Not reproduced: random erasing 0.25, the warm-up's start
 at 1e-6 (here 0), AMP (fp32 here). The stem's BatchNorm statistics train as ``batch_stats``.
 
