@@ -246,7 +246,7 @@ def _spatial_config(**overrides):
     return c
 
 
-@pytest.mark.parametrize("name", ["dynamicvit_convnext_test", SPATIAL])
+@pytest.mark.parametrize("name", [pytest.param("dynamicvit_convnext_test", marks=pytest.mark.extended), SPATIAL])
 def test_hierarchical_loss_terms_equal_numpy(name):
     """Ratio targets rho, rho - 0.2, rho - 0.4 (float64 arithmetic), KL to the teacher, and the MSE of
     the final normed map over *every* location (not only the slow ones)."""
@@ -286,7 +286,8 @@ def test_hierarchical_loss_terms_equal_numpy(name):
 
 @pytest.mark.usefixtures("fast_xla")
 def test_hierarchical_model_trains_on_eight_devices(tmp_path):
-    """DynamicViT-Swin from a dense Swin .npz (no predictors, no fast paths) on 8 devices, then evaluated."""
+    """DynamicViT-Swin from a dense Swin .npz (no predictors, no fast paths): a training step on 8 devices
+    (evaluation of the routed model: the single-device tests)."""
     dense_name = "swin_test_patch4_window4_32"
     dense = saitjax.create_model(dense_name, img_size=64, depths=(2, 2, 4, 2), num_classes=4)
     dense_params = random_params(dense, seed=7)
@@ -301,7 +302,7 @@ def test_hierarchical_model_trains_on_eight_devices(tmp_path):
     step_fn = run.jitted_train_step(donate=False)
     batches = run.data.train_batches(0)
     start = jax.device_get(state.params)
-    for step in range(2):
+    for step in range(2):  # the warm-up's learning rate is 0 at step 0
         state, metrics = step_fn(state, next(batches), teacher_params, run.method.train_sparsity(step))
     metrics = jax.device_get(metrics)
     assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"])
@@ -309,9 +310,6 @@ def test_hierarchical_model_trains_on_eight_devices(tmp_path):
     params = jax.device_get(state.params)
     assert not np.array_equal(params["layers_2"]["blocks_3"]["fast_path"]["fc"]["kernel"],
                               start["layers_2"]["blocks_3"]["fast_path"]["fc"]["kernel"])
-    label = config.eval.densities[1]
-    evals = run.evaluate(state.params, 2)
-    assert evals[label]["kept_fraction"] == pytest.approx(4 / 16) and evals["dense"]["count"] == 40
     run.ckpt.close()
 
 
