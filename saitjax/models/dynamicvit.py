@@ -21,52 +21,17 @@ Parameter names: backbone as in :mod:`saitjax.models.vit`; predictors ``predicto
 
 from __future__ import annotations
 
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from saitjax.models import token_ops
 from saitjax.models.deit import register_family
+from saitjax.models.predictors import Predictor, predictor_macs
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
-
-_PREDICTOR_INIT = nn.initializers.truncated_normal(0.02)
-
-
-class Predictor(nn.Module):
-    """PredictorLG: per-token ``[log p(keep), log p(drop)]`` given the current keep decisions."""
-
-    eps: float = 1e-5
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, decisions: Array) -> Array:
-        """``x [B, N, C]`` patch tokens, ``decisions [B, N]`` 0/1 -> log-probs ``[B, N, 2]`` (float32)."""
-        c = x.shape[-1]
-
-        def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(features, dtype=self.dtype, kernel_init=_PREDICTOR_INIT, name=name)
-
-        z = nn.LayerNorm(self.eps, dtype=self.dtype, name="in_norm")(x)
-        z = nn.gelu(dense(c, "in_fc")(z), approximate=False)
-        local, glob = z[..., : c // 2], z[..., c // 2:]
-        d = decisions.astype(z.dtype)[..., None]
-        # Global context = mean of the kept tokens; the guard only matters for an all-dropped image.
-        g = jnp.sum(glob * d, axis=1, keepdims=True) / jnp.maximum(jnp.sum(d, axis=1, keepdims=True), 1.0)
-        h = jnp.concatenate([local, jnp.broadcast_to(g, glob.shape)], axis=-1)
-        h = nn.gelu(dense(c // 2, "out_fc1")(h), approximate=False)
-        h = nn.gelu(dense(c // 4, "out_fc2")(h), approximate=False)
-        return jax.nn.log_softmax(dense(2, "out_fc3")(h).astype(jnp.float32), axis=-1)
-
-
-def predictor_macs(dim: int) -> int:
-    """Multiply-accumulates of one predictor per token (its four Linear layers)."""
-    return dim * dim + dim * (dim // 2) + (dim // 2) * (dim // 4) + (dim // 4) * 2
-
 
 class DynamicViT(VisionTransformer):
     """ViT/DeiT with DynamicViT predictors before the blocks ``predictor_locations``.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from saitjax.models import token_ops
 from saitjax.models.convnext import CONVNEXT_SIZES, ConvNeXt, ConvNeXtBlock
-from saitjax.models.dynamicvit import Predictor, predictor_macs
+from saitjax.models.predictors import Predictor, predictor_macs
 from saitjax.models.registry import register_model
 from saitjax.models.spatial_routing import FastPath, RoutedBlock, run_routed_blocks
 from saitjax.models.swin import SWIN_DEMO_GEOMETRY, SWIN_SIZES, SwinBlock, SwinTransformer
