@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 import jax
 import jax.numpy as jnp
 

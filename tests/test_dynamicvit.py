@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
 from scipy.special import erf
 
 import saitjax

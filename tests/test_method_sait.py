@@ -150,7 +150,7 @@ def test_token_selection_kd_trains_the_blocks_before_the_pruning_location():
 def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
     config = sait_config(**{"eval.densities": ("dense", "mass:0.8"),
                             "eval.sweep": ("dense", "mass:0.8", "topk:0.5"),
-                            "eval.sweep_batch_sizes": (1, 8), "train_steps": 8})
+                            "eval.sweep_batch_sizes": (8,), "train_steps": 8})
     mesh = parallel.make_mesh()
     assert mesh.size == 8
     result = train.train_and_evaluate(config, str(tmp_path), data=tiny_data(mesh, config))
@@ -168,7 +168,7 @@ def test_sait_trains_on_eight_devices_and_sweeps(tmp_path):
     assert [r["density"] for r in rows] == ["dense", "mass:0.8@1", "topk:0.5@1"]
     assert rows[0]["gmacs_ratio"] == 1.0 and rows[2]["gmacs_ratio"] < 1.0
     assert rows[2]["kept_tokens"] == 32.0
-    assert all(r["img_per_s_bs1"] > 0 and r["img_per_s_bs8"] > 0 for r in rows)
+    assert all(r["img_per_s_bs8"] > 0 and "img_per_s_bs1" not in r for r in rows)
     # --mode sweep of the same checkpoint gives the same accuracies
     again = train.sweep_checkpoint(config, str(tmp_path), data=tiny_data(mesh, config), mesh=mesh)
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]

@@ -8,6 +8,8 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 import jax
 import jax.numpy as jnp
 
