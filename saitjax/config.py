@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_kwargs = ml_collections.ConfigDict({"num_classes": 1000, "drop_path_rate": 0.1})
     c.method = "dense"
     c.method_kwargs = ml_collections.ConfigDict()
+    # How the model runs, not what it computes (README "Pods"): compute dtype (parameters and
+    # optimizer state stay float32), attention kernel and per-block rematerialisation.
+    c.compute = ml_collections.ConfigDict(dict(precision="float32", attention="auto", remat="none"))
 
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", manual_dir="", train_split="train",
@@ -209,17 +212,58 @@ def _check_optim(o: ml_collections.ConfigDict) -> None:
                      f"optim.{field}[{i}]={pair!r} must be a (regex, number >= 0) pair")
 
 
+PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+def build_model(c: ml_collections.ConfigDict) -> Any:
+    """The config's model: ``model_kwargs`` plus the ``compute`` fields the model has.
+
+    ``compute.precision`` becomes the model's compute ``dtype``; ``attention`` and ``remat`` go to
+    models that have them (the ViT family) and are refused, naming the field, by others.
+    """
+    import dataclasses
+
+    from saitjax.models import create_model
+    from saitjax.models.registry import model_entry
+    from saitjax.models.attention import check_attention_impl
+    from saitjax.models.remat import check_remat
+
+    compute = c.compute
+    _require(compute.precision in PRECISIONS,
+             f"compute.precision={compute.precision!r}: choose float32 or bfloat16 (float16 would need loss "
+             "scaling, which bfloat16's float32 exponent range makes unnecessary)")
+    try:
+        check_attention_impl(compute.attention)
+        check_remat(compute.remat)
+    except ValueError as err:
+        raise ValueError(f"invalid config: compute.{err}") from None
+    kwargs: dict[str, Any] = {"dtype": PRECISIONS[compute.precision]}
+    try:
+        fields = {f.name for f in dataclasses.fields(model_entry(c.model).constructor)}
+    except ValueError as err:
+        raise ValueError(f"invalid config: model: {err}") from None
+    for field, default in (("attention", "auto"), ("remat", "none")):
+        if field in fields:
+            kwargs[field] = compute[field]
+        else:
+            _require(compute[field] == default, f"compute.{field}={compute[field]!r}: {c.model} has no "
+                     f"{field} option (the ViT family has); leave compute.{field}={default!r}")
+    overlap = set(kwargs) & set(c.model_kwargs)
+    _require(not overlap, f"model_kwargs sets {sorted(overlap)}: set compute.precision / compute.attention / "
+             "compute.remat instead")
+    try:
+        return create_model(c.model, **dict(c.model_kwargs), **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"invalid config: model / model_kwargs: {err}") from None
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check every field; raise ValueError naming the field and the fix."""
     from saitjax.methods import METHODS
-    from saitjax.models import create_model
 
     for path, value in _numbers(c, ""):  # NaN/inf pass every `<`/`>=` check below, or fail it misleadingly
         _require(math.isfinite(value), f"{path}={value!r} must be a finite number")
-    try:
-        model = create_model(c.model, **dict(c.model_kwargs))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"invalid config: model / model_kwargs: {err}") from None
+    model = build_model(c)
     _require(c.method in METHODS, f"method={c.method!r} is unknown; choose one of {sorted(METHODS)}")
     _require(c.data.image_size == model.img_size,
              f"data.image_size={c.data.image_size} but {c.model} takes {model.img_size} px; set "
@@ -267,9 +311,7 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     validate(c)
     if "img_size" not in c.model_kwargs:
-        from saitjax.models import create_model
-
-        model = create_model(c.model, **dict(c.model_kwargs))
+        model = build_model(c)
         if hasattr(model, "img_size"):
             c.model_kwargs.img_size = int(model.img_size)
     c.lock()

@@ -34,7 +34,6 @@ from saitjax.flops import density_cost
 from saitjax.methods import Method, build_method
 from saitjax.methods.base import MODEL_STATE
 from saitjax.metrics import MetricWriter, Progress
-from saitjax.models import create_model
 from saitjax.models.variables import is_variables, split_variables
 from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
 from saitjax.sparsity import SparsityError, SparsitySpec
@@ -169,7 +168,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     model, method, densities, input files. A training sweep runs it on each of its runs before
     starting any of them."""
     config_lib.validate(config)
-    model = create_model(config.model, **dict(config.model_kwargs))
+    model = config_lib.build_model(config)
     method = build_method(config, model)
     check_densities(model, method, config)
     _check_input_files(config, resuming=False)
@@ -261,7 +260,7 @@ class Run:
         config_lib.validate(config)
         self.config, self.workdir = config, workdir
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        self.model = model = create_model(config.model, **dict(config.model_kwargs))
+        self.model = model = config_lib.build_model(config)
         self.method = build_method(config, model)
         self.meta = run_meta(config, model)
         parallel.check_batch_size(config.batch_size, self.mesh)

@@ -11,8 +11,6 @@ import re
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +18,10 @@ import saitjax
 from saitjax.models.asvit import threshold_params
 from saitjax.optim import DEFAULT_NO_WEIGHT_DECAY
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 BUCKETS = (0.25, 0.5, 0.75, 1.0)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +12,10 @@ import saitjax
 from saitjax.flops import per_image_gmacs
 from saitjax.models.buckets import effective_chunks
 from saitjax.sparsity import SparsityError, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 BUCKETS = (0.25, 0.5, 0.75, 1.0)
 

@@ -116,3 +116,29 @@ def test_densities_the_model_cannot_run_are_refused_before_training(tmp_path, fi
     with pytest.raises(ValueError, match=message):
         train.Run(config, str(tmp_path / "w"), data=tiny_data(mesh, config), mesh=mesh)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"compute.precision": "float16"}, "compute.precision='float16': choose float32 or bfloat16 (float16 would "
+                                       "need loss scaling"),
+    ({"compute.attention": "flash"}, "compute.attention='flash': choose one of auto, fused, explicit"),
+    ({"compute.remat": "dots"}, "compute.remat='dots': choose 'none', 'full' or a jax.checkpoint_policies"),
+    ({"model": "swin_test_patch4_window4_32", "compute.remat": "full"},
+     "compute.remat='full': swin_test_patch4_window4_32 has no remat option (the ViT family has); leave "
+     "compute.remat='none'"),
+    ({"model_kwargs.dtype": "bfloat16"}, "model_kwargs sets ['dtype']: set compute.precision"),
+])
+def test_compute_fields_are_checked(overrides, message):
+    config = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(config)
+
+
+def test_compute_fields_reach_the_model():
+    from saitjax.config import build_model
+
+    model = build_model(tiny_config(**{"compute.precision": "bfloat16", "compute.attention": "fused",
+                                       "compute.remat": "dots_saveable"}))
+    assert (model.dtype, model.attention, model.remat) == ("bfloat16", "fused", "dots_saveable")
+    swin = build_model(tiny_config(model="swin_test_patch4_window4_32", **{"compute.precision": "bfloat16"}))
+    assert swin.dtype == "bfloat16"

@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
 from scipy.special import erf
 
 import saitjax
@@ -22,6 +20,10 @@ from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.tools import convert as convert_cli
 
 from model_fixtures import random_params
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 NAME = "dynamicvit_test_patch4_32"
 SPEC = SparsitySpec.hierarchical(0.7, (1, 2, 3))  # keeps 44, 31, 21 of 64

@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +16,10 @@ from saitjax.models.spatial_routing import apply_route, route_by_score
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 
 from model_fixtures import random_params
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 TEST_MODELS = {"dynamicvit_convnext_test": "convnext_test", "dynamicvit_swin_test_patch4_window4_64": "swin"}
 SWIN = "swin_{}_patch4_window7_224"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +12,9 @@ import saitjax
 from saitjax.flops import analytic_gmacs
 from saitjax.methods.evit import quantise_up, warmup_keep_rate
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
 
 
 @pytest.mark.parametrize("text, mlp_tokens, gmacs", [

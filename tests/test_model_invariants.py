@@ -7,7 +7,8 @@ by registering its test size:
 * every original patch lives in exactly one token or is discarded: the sizes of the tokens
   still alive add up to the patches whose ``source`` is not ``-1``;
 * masked == gathered, where a method has both paths;
-* one compilation per spec, whatever the inputs.
+* one compilation per spec, whatever the inputs;
+* the fused attention kernel gives the explicit kernel's logits, CLS attention and kept tokens.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
 import saitjax
 from saitjax.sparsity import SparsitySpec, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 TEST_MODELS = saitjax.list_models(tag="test")
 
@@ -114,3 +117,21 @@ def test_one_compilation_per_spec(built, name):
     for scale in (1.0, 3.0, 0.2):
         jax.block_until_ready(fn(params, images * scale))
     assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_fused_attention_equals_explicit_attention(built, name):
+    """Logits, CLS attention (the fused path's O(N) row) and kept tokens agree at the reducing spec
+    (dense blocks first) and, where the method has one, its masked form (the keep mask as the
+    fused kernel's mask)."""
+    model, params, images = built(name)
+    spec = _reducing_spec(model, name)
+    specs = [spec] + ([spec.with_mode("mask")] if _family(name) in HAS_MASK_MODE else [])
+    for spec in specs:
+        out = {impl: jax.jit(lambda p, x, m=model.clone(attention=impl): m.apply({"params": p}, x, sparsity=spec))(
+            params, images) for impl in ("explicit", "fused")}
+        (explicit, e_aux), (fused, f_aux) = out["explicit"], out["fused"]
+        np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(f_aux["cls_attn"]), np.asarray(e_aux["cls_attn"]), atol=1e-6, rtol=0)
+        for f, e in zip(f_aux["keep_masks"], e_aux["keep_masks"]):
+            np.testing.assert_array_equal(np.asarray(f), np.asarray(e))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +12,9 @@ import saitjax
 from saitjax.models import token_ops
 from saitjax.models.sait import adaptive_counts
 from saitjax.sparsity import SparsitySpec, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
 
 
 def _peaky(params, scale=8.0):

@@ -8,8 +8,6 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +18,10 @@ from saitjax.models.vit import Block
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 
 from timm_reference import import_timm
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 NAME = "stvit_test_patch4_32"  # 8x8 patches, 4 blocks, 9 semantic tokens from block 1
 

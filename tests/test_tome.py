@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax.numpy as jnp
 
 import saitjax
 from saitjax.flops import analytic_gmacs, vit_macs
 from saitjax.models import token_ops
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
 
 
 def _numpy_tome(x, size, metric, r, num_prefix):

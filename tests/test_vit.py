@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
-
 import jax
 import jax.numpy as jnp
 
 import saitjax
 from saitjax.sparsity import SparsityError, SparsitySpec
+
+
+pytestmark = pytest.mark.usefixtures("fast_xla")  # compares programs compiled under the same setting
+
 
 # Verified once against timm 1.0 (`sum(p.numel() for p in timm.create_model(name).parameters())`).
 PARAM_COUNTS = {

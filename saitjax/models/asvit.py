@@ -30,7 +30,7 @@ distilled DeiT's distillation token is protected like CLS. The official checkpoi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,8 @@ class ASViT(VisionTransformer):
     threshold_tau: float = 1e-4
     batch_rule: str = "image"
     buckets: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
+    # Training decisions learn through the attention they mask (the explicit attention path).
+    keep_gradient: ClassVar[bool] = True
 
     checkpoint_renames = ((r"^score_predictor\.(\d+)\.keep_threshold$", r"score_predictor_\1.keep_threshold"),)
 

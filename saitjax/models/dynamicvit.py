@@ -21,6 +21,7 @@ Parameter names: backbone as in :mod:`saitjax.models.vit`; predictors ``predicto
 
 from __future__ import annotations
 
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,8 @@ class DynamicViT(VisionTransformer):
     keep_rho: float = 0.7
     predictor_eps: float = 1e-5
     gumbel_tau: float = 1.0  # temperature of the training-time Gumbel-softmax
+    # Training decisions learn through the attention they mask (the explicit attention path).
+    keep_gradient: ClassVar[bool] = True
 
     # Official DynamicViT checkpoint keys -> Linen paths (applied by saitjax.convert).
     checkpoint_renames = (

@@ -21,14 +21,14 @@ Per-image counts (adaptive rules) run through the shared capacity-bucket runner
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from saitjax.models import token_ops
+from saitjax.models import attention, remat, token_ops
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -136,9 +136,14 @@ class Attention(nn.Module):
     """Multi-head self-attention whose pruned keys (``keep == 0``) are invisible to others.
 
     Returns the output and what token reducers read: ``cls_attn [B, H, N]`` (the CLS query's
-    attention, per head) and ``keys [B, N, d]`` (keys averaged over heads: ToMe's similarity
-    metric). XLA drops whichever the caller does not use. ``log_size [B, N]`` adds ToMe's
-    proportional-attention bias ``log(size_j)`` to the logits of key ``j``.
+    attention, per head, float32) and ``keys [B, N, d]`` (keys averaged over heads: ToMe's
+    similarity metric). XLA drops whichever the caller does not use. ``log_size [B, N]`` adds
+    ToMe's proportional-attention bias ``log(size_j)`` to the logits of key ``j``.
+
+    ``impl`` picks the kernel (:mod:`saitjax.models.attention`): the fused kernel computes the CLS
+    row apart in O(N); the explicit one builds the float32 matrix, needed when ``keep`` carries
+    gradients in training (``keep_gradient``) or with a context. Logits and softmax are float32
+    in both, whatever ``dtype`` the projections run in.
 
     With a ``context [B, M, C]`` (already normalised) the current tokens attend to themselves and
     to the context (keys/values of ``[x; context]``, queries of ``x`` only), and ``context_attn
@@ -149,13 +154,23 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     head_weighting: str = "mean"
     dtype: Any = jnp.float32
+    impl: str = "auto"
+    keep_gradient: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, keep: Array | None, log_size: Array | None = None,
+    def __call__(self, x: Array, keep: Array | None, train: bool, log_size: Array | None = None,
                  context: Array | None = None) -> tuple[Array, dict[str, Array]]:
         b, n, c = x.shape
         h = self.num_heads
         qkv = QKVProjection(c, self.qkv_bias, self.dtype, name="qkv")
+        proj = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")
+        if not attention.needs_explicit_attention(self.impl, train, keep, self.keep_gradient, context):
+            q, k, v = (t[:, :, 0] for t in jnp.split(qkv(x).reshape(b, n, 3, h, c // h), 3, axis=2))
+            heads = attention.fused_attention(q, k, v, keep, log_size)  # [B, N, H, d]
+            cls_attn = attention.cls_attention_row(q, k, keep, log_size)
+            if self.head_weighting == "importance":
+                cls_attn = cls_attn * token_ops.head_importance(heads.transpose(0, 2, 1, 3))
+            return proj(heads.reshape(b, n, c)), {"cls_attn": cls_attn, "keys": jnp.mean(k, axis=2)}
         if context is None:
             q, k, v = qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # each [B, H, N, d]
         else:
@@ -167,13 +182,12 @@ class Attention(nn.Module):
                 keep = jnp.concatenate([keep, jnp.ones((b, m), keep.dtype)], axis=1)
             if log_size is not None:
                 log_size = jnp.concatenate([log_size, jnp.zeros((b, m), log_size.dtype)], axis=1)
-        logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
+        logits = jnp.matmul(q * (c // h) ** -0.5, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
         if log_size is not None:
-            logits = logits.astype(jnp.float32) + log_size[:, None, None, :]
+            logits = logits + log_size[:, None, None, :]
         attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N (+ M)]
         heads = attn.astype(v.dtype) @ v  # [B, H, N, d]
-        out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(
-            heads.transpose(0, 2, 1, 3).reshape(b, n, c))
+        out = proj(heads.transpose(0, 2, 1, 3).reshape(b, n, c))
         cls_attn = attn[:, :, 0, :n]
         if self.head_weighting == "importance":
             cls_attn = cls_attn * token_ops.head_importance(heads)
@@ -203,7 +217,8 @@ class Block(nn.Module):
 
     :meth:`attend` is ``x + Attn(LN(x))`` and also returns the attention info (see
     :class:`Attention`); :meth:`feed_forward` is ``x + MLP(LN(x))``. EViT and ToMe reduce the
-    tokens in between; ``__call__`` runs both halves back to back.
+    tokens in between; ``__call__`` runs both halves back to back. ``train`` is the second
+    argument of each (the static argument of their rematerialised form, :mod:`saitjax.models.remat`).
     """
 
     num_heads: int
@@ -213,19 +228,23 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     head_weighting: str = "mean"
     dtype: Any = jnp.float32
+    attention: str = "auto"
+    keep_gradient: bool = False
 
     def setup(self):
         self.norm1 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
-        self.attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype)
+        self.attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype, self.attention,
+                              self.keep_gradient)
         self.norm2 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
         self.mlp = Mlp(self.mlp_ratio, self.drop_rate, self.dtype)
         self.drop_path = DropPath(self.drop_path_rate)
         self.dropout = nn.Dropout(self.drop_rate)
 
-    def attend(self, x: Array, keep: Array | None, train: bool, log_size: Array | None = None,
+    def attend(self, x: Array, train: bool, keep: Array | None = None, log_size: Array | None = None,
                context: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """``x + Attn(LN(x))``; with a ``context``, the keys/values also include ``LN(context)``."""
-        y, info = self.attn(self.norm1(x), keep, log_size, None if context is None else self.norm1(context))
+        y, info = self.attn(self.norm1(x), keep, train, log_size,
+                            None if context is None else self.norm1(context))
         y = self.dropout(y, deterministic=not train)
         return x + self.drop_path(y, train), info
 
@@ -233,7 +252,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), train), train)
 
     def __call__(self, x: Array, keep: Array | None, train: bool) -> tuple[Array, Array]:
-        x, info = self.attend(x, keep, train)
+        x, info = self.attend(x, train, keep)
         return self.feed_forward(x, train), info["cls_attn"]
 
 
@@ -263,7 +282,14 @@ class VisionTransformer(nn.Module):
     head_weighting: str = "mean"
     # Proportional attention (ToMe): add log(token size) to the attention logits of every key.
     prop_attn: bool = False
+    # How the model runs (README "Pods"): compute dtype (parameters stay float32; softmax, LayerNorm
+    # statistics and logits are float32), attention kernel, and per-block rematerialisation.
     dtype: Any = jnp.float32
+    attention: str = "auto"
+    remat: str = "none"
+    # Whether a training forward's keep mask carries gradients into the attention it masks
+    # (then that attention takes the explicit path).
+    keep_gradient: ClassVar[bool] = False
 
     # -- static geometry ---------------------------------------------------------------------
 
@@ -330,13 +356,18 @@ class VisionTransformer(nn.Module):
             self.dist_token = self.param("dist_token", _dense_init, (1, 1, c))
         self.pos_embed = self.param("pos_embed", _dense_init,
                                     (1, self.num_prefix_tokens + self.num_patches, c))
+        attention.check_attention_impl(self.attention)
+        block = remat.remat_module(Block, self.remat, ("attend", "feed_forward"), train_argnum=2)
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
-        self.blocks = [Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
-                             self.head_weighting, self.dtype) for rate in rates]
-        self.norm = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
-        self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)
+        self.blocks = [block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, rate,
+                             self.head_weighting, self.dtype, self.attention, self.keep_gradient)
+                       for rate in rates]
+        # Final norm and heads in float32 whatever the compute dtype (cheap; the logits and the
+        # distilled tokens are what losses read).
+        self.norm = nn.LayerNorm(_LN_EPS, dtype=jnp.float32)
+        self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=jnp.float32)
         if self.distilled:
-            self.head_dist = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)
+            self.head_dist = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=jnp.float32)
         self.pos_drop = nn.Dropout(self.drop_rate)
 
     # -- forward ---------------------------------------------------------------------------------
@@ -391,7 +422,7 @@ class VisionTransformer(nn.Module):
                 state, stage_aux = self.select_tokens(stages[i], state, cls_attn, spec, train)
                 append_stage_aux(aux, stage_aux)
             log_size = jnp.log(state.size) if self.prop_attn else None
-            x, info = self.blocks[i].attend(state.x, state.keep, train, log_size, state.context)
+            x, info = self.blocks[i].attend(state.x, train, state.keep, log_size, state.context)
             state, cls_attn = state.replace(x=x), info["cls_attn"]
             if state.context is not None:
                 state = state.replace(context_attn=info["context_attn"])
