@@ -262,9 +262,13 @@ class Checkpointer:
                     raise
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """``ShapeDtypeStruct``s of ``tree`` (arrays or eval_shape output) placed with ``sharding``."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | Any) -> Any:
+    """``ShapeDtypeStruct``s of ``tree`` (arrays or eval_shape output) placed with ``sharding``
+    (one for all, or a tree of shardings like ``tree``): what a restore lays the arrays out as,
+    whatever layout they were saved from."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
 
 def check_meta_compatible(saved: dict[str, Any], wanted: dict[str, Any], directory: str) -> None:

@@ -46,8 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "dense"
     c.method_kwargs = ml_collections.ConfigDict()
     # How the model runs, not what it computes (README "Pods"): compute dtype (parameters and
-    # optimizer state stay float32), attention kernel and per-block rematerialisation.
-    c.compute = ml_collections.ConfigDict(dict(precision="float32", attention="auto", remat="none"))
+    # optimizer state stay float32), attention kernel, per-block rematerialisation, and where
+    # parameters and optimizer state live (saitjax/sharding.py: replicated or fsdp, plus rules).
+    c.compute = ml_collections.ConfigDict(dict(precision="float32", attention="auto", remat="none",
+                                               param_sharding="replicated", sharding_rules=(),
+                                               fsdp_min_size=2 ** 14))
 
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", manual_dir="", train_split="train",
@@ -264,6 +267,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for path, value in _numbers(c, ""):  # NaN/inf pass every `<`/`>=` check below, or fail it misleadingly
         _require(math.isfinite(value), f"{path}={value!r} must be a finite number")
     model = build_model(c)
+    _require(c.compute.param_sharding in ("replicated", "fsdp"),
+             f"compute.param_sharding={c.compute.param_sharding!r}: choose replicated or fsdp")
+    _require(isinstance(c.compute.fsdp_min_size, int) and c.compute.fsdp_min_size >= 0,
+             f"compute.fsdp_min_size={c.compute.fsdp_min_size!r} must be an integer >= 0")
+    from saitjax.sharding import check_rules
+
+    check_rules(c.compute.sharding_rules)
     _require(c.method in METHODS, f"method={c.method!r} is unknown; choose one of {sorted(METHODS)}")
     _require(c.data.image_size == model.img_size,
              f"data.image_size={c.data.image_size} but {c.model} takes {model.img_size} px; set "

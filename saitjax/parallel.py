@@ -1,7 +1,8 @@
 """Data parallelism with ``jax.jit`` over a ``Mesh``: one axis, every device of every process.
 
-Params and optimizer state are replicated (``P()``), batches are split on their leading axis
-(``P("data")``); XLA inserts the gradient all-reduce. The same code runs on one CPU, eight
+Batches are split on their leading axis (``P("data")``); params and optimizer state are
+replicated (``P()``) or sharded over the same axis (:mod:`saitjax.sharding`); XLA inserts the
+gradient all-reduce (or reduce-scatter). The same code runs on one CPU, eight
 virtual CPU devices in tests, a GPU node, or a multi-host TPU slice / GPU cluster once
 :func:`initialize_distributed` has connected the processes.
 """
@@ -78,6 +79,22 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch_siz
 def to_global(tree: Any, sharding: NamedSharding) -> Any:
     """Assemble per-process numpy arrays into global ``jax.Array``s split on axis 0."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of ``tree``'s global arrays on every process. Arrays sharded across processes
+    (FSDP parameters on several hosts) are all-gathered: a collective, so every process calls it."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host (or device) arrays -> arrays with ``shardings`` (a tree like ``tree``); copies first,
+    as :func:`replicate` does."""
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), tree, shardings)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from saitjax import config as config_lib
 from saitjax import parallel
-from saitjax import run_results
+from saitjax import run_results, sharding
 from saitjax import workdir as workdir_lib
 from saitjax.checkpointing import Checkpointer, TrainState, abstract_like, check_meta_compatible
 from saitjax.convert import load_variables, save_variables
@@ -284,6 +285,7 @@ class Run:
             raise ValueError(f"invalid config: {config.model} keeps {sorted(self.model_state_shape)} (BatchNorm "
                              f"statistics), which method {config.method!r} does not train; use method='supervised'")
         self.tx, self.schedule = make_optimizer(self.opt_config, self.params_shape)
+        self.state_sharding = self._state_sharding()
         # One evaluator per run: its jitted step (one compilation per density) is reused by
         # every periodic evaluation instead of being traced and compiled again each time.
         self.evaluator = Evaluator(model, self.method.eval_densities())
@@ -328,6 +330,22 @@ class Run:
             self.lock.release()
             self.lock = None
 
+    def _state_sharding(self) -> TrainState:
+        """Shardings of the train state: params (and their Adam moments) by ``compute`` (replicated,
+        or FSDP over the data axis, saitjax/sharding.py); the step and BatchNorm statistics replicated."""
+        compute = self.config.compute
+        specs = sharding.param_specs(self.params_shape, self.mesh, compute.param_sharding,
+                                     compute.sharding_rules, compute.fsdp_min_size)
+        self.param_sharding = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                                           is_leaf=lambda x: isinstance(x, PartitionSpec))
+        if compute.param_sharding != "replicated" or compute.sharding_rules:
+            logging.info("parameters: %s", sharding.describe(specs))
+        shape = jax.eval_shape(self.init_state, self.params_shape, self.model_state_shape)
+        return TrainState(step=self.replicated, params=self.param_sharding,
+                          opt_state=sharding.like_params(shape.opt_state, self.params_shape, self.param_sharding,
+                                                         self.replicated),
+                          model_state=jax.tree.map(lambda _: self.replicated, shape.model_state))
+
     def init_state(self, params: Any, model_state: Any = None) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                           model_state=model_state or {})
@@ -337,7 +355,7 @@ class Run:
         config, model = self.config, self.model
         if self.latest is not None:
             abstract = abstract_like(jax.eval_shape(self.init_state, self.params_shape, self.model_state_shape),
-                                     self.replicated)
+                                     self.state_sharding)
             state, _, step = self.ckpt.restore(abstract, self.latest)  # falls back past damaged ones
             if step != self.latest and self.train:  # the damaged ones are in the way of new saves
                 if jax.process_index() == 0:
@@ -352,13 +370,14 @@ class Run:
             self.latest = step
             logging.info("resumed from %s at step %d", self.ckpt.directory, step)
             return state
-        variables = jax.jit(lambda k: model.init(k, self.dummy), out_shardings=self.replicated)(
+        variable_sharding = {"params": self.param_sharding, **self.state_sharding.model_state}
+        variables = jax.jit(lambda k: model.init(k, self.dummy), out_shardings=variable_sharding)(
             jax.random.key(config.seed))
         if config.init:
             variables, fresh = load_pretrained(variables, config.init, config)
-            variables = parallel.replicate(variables, self.mesh)
+            variables = parallel.place(variables, variable_sharding)
             logging.info("initialised from %s; fresh init kept for: %s", config.init, fresh or "nothing")
-        return jax.jit(self.init_state, out_shardings=self.replicated)(*split_variables(variables))
+        return jax.jit(self.init_state, out_shardings=self.state_sharding)(*split_variables(variables))
 
     def jitted_train_step(self, donate: bool = True) -> Callable:
         """``(state, batch, teacher_params, spec) -> (state, metrics)`` with the mesh's shardings.
@@ -367,8 +386,8 @@ class Run:
         """
         step = make_train_step(self.method, self.tx, self.schedule, self.config, self.model.num_classes)
         return jax.jit(step, static_argnums=3, donate_argnums=0 if donate else (),
-                       in_shardings=(self.replicated, parallel.batch_sharded(self.mesh), self.replicated),
-                       out_shardings=(self.replicated, self.replicated))
+                       in_shardings=(self.state_sharding, parallel.batch_sharded(self.mesh), self.replicated),
+                       out_shardings=(self.state_sharding, self.replicated))
 
     def teacher_params(self) -> Any | None:
         if not self.method.uses_teacher:
@@ -543,13 +562,14 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
         if step == total_steps and not stop.received:
             # A finished run started again has its final evaluation recorded already.
             results = evaluate(step, log=not (start_step == total_steps and writer.logged(step, "eval/")))
+            variables = parallel.to_host(state.variables())  # every process takes part (sharded params)
             if chief:
                 from etils import epath
 
                 export = workdir_lib.join(workdir, "export", f"params_step{step}.npz")
                 if not epath.Path(export).exists():
                     with workdir_lib.local_file(export) as local:
-                        save_variables(local, jax.device_get(state.variables()), model=config.model,
+                        save_variables(local, variables, model=config.model,
                                        method=config.method, step=step, model_kwargs=dict(config.model_kwargs))
                 if config.plot:
                     from saitjax.viz import plot_training_curves
