@@ -176,6 +176,14 @@ def _format_row(row: dict[str, Any]) -> str:
             f"{flops}  speedup {row['speedup_vs_first']:.2f}x  {ratio}")
 
 
+def append_json_rows(path: str, rows: list[dict[str, Any]]) -> None:
+    """Append one JSON object per row (results of several runs accumulate in one file)."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"appended {len(rows)} rows to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saitjax.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {args.json}")
+        append_json_rows(args.json, rows)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import saitjax
-from saitjax.benchmark import _environment
+from saitjax.benchmark import _environment, append_json_rows
 from saitjax.checkpointing import TrainState
 from saitjax.config import PRECISIONS, base_config
 from saitjax.methods import build_method
@@ -180,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {args.json}")
+        append_json_rows(args.json, rows)
     return 0
 
 
