@@ -84,7 +84,8 @@ def to_global(tree: Any, sharding: NamedSharding) -> Any:
 def to_host(tree: Any) -> Any:
     """Numpy copies of ``tree``'s global arrays on every process. Arrays sharded across processes
     (FSDP parameters on several hosts) are all-gathered: a collective, so every process calls it."""
-    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False)
+           for x in jax.tree.leaves(tree)):
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 

@@ -152,9 +152,14 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
     if hflip:
         image = random_flip(image, s_flip)
     if randaugment:
-        from saitjax.data.randaugment import parse_randaugment, rand_augment
+        from saitjax.data.randaugment import INTERPOLATIONS, parse_randaugment, rand_augment
         image = tf.cast(tf.round(image), tf.uint8)
-        image = rand_augment(image, s_ra, **parse_randaugment(randaugment))
+        # as timm: rotated/sheared/translated corners take the data mean (its ``img_mean``), and
+        # the ops resample with the train interpolation
+        kwargs = {"fill": tuple(min(255, round(255 * m)) for m in mean), **parse_randaugment(randaugment)}
+        if interpolation in INTERPOLATIONS:
+            kwargs.setdefault("interpolation", interpolation)
+        image = rand_augment(image, s_ra, **kwargs)
     return normalize(image, mean, std)
 
 

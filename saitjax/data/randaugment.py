@@ -47,8 +47,8 @@ Pillow 13 refuses the argument, so timm's op raises there. Float64 round-off: th
 follows PIL's order, but TF's ``sin`` / ``cos`` and the 15-digit rounding of the rotate matrix
 are not guaranteed bit-equal to libm / Python's ``round``; a difference would move a sample by
 ~1e-13, changing a pixel by one grey level only where a value lies that close to an integer
-(never seen in the tests). The fill colour and interpolation are this module's arguments
-(``fill``, ``interpolation``), not read from the data config's ``mean`` / ``interpolation``.
+(never seen in the tests). The fill colour is the data config's ``mean`` in 0..255, as timm's
+``img_mean`` (the training pipeline passes it); the interpolation is the spec's, bicubic by default.
 """
 
 from __future__ import annotations
