@@ -84,17 +84,22 @@ def saitjax_variant(model, variables, images, spec: SparsitySpec, name: str | No
     return variant
 
 
-def timm_variant(timm_name: str, images: np.ndarray) -> Variant:
-    """The same architecture in timm PyTorch, on the same inputs (NCHW), random weights."""
+def timm_variant(timm_name: str, images: np.ndarray, precision: str = "float32") -> Variant:
+    """The same architecture in timm PyTorch, on the same inputs (NCHW), random weights.
+
+    ``bfloat16``: PyTorch's own mixed precision (``torch.autocast``: bf16 matmuls, float32
+    softmax/LayerNorm), the counterpart of saitjax's ``compute.precision=bfloat16``.
+    """
     from saitjax.convert.timm_import import import_timm
 
     torch, timm = import_timm()
     torch.set_num_threads(os.cpu_count() or 1)
     model = timm.create_model(timm_name, pretrained=False).eval()
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    bf16 = precision == "bfloat16"
 
     def call():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
 
     start = time.perf_counter()
@@ -103,28 +108,44 @@ def timm_variant(timm_name: str, images: np.ndarray) -> Variant:
                    "dense", framework="timm-pytorch")
 
 
-def _model_and_variables(name: str, params_path: str | None, seed: int) -> tuple[Any, Any]:
-    model = saitjax.create_model(name)
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _model_and_variables(name: str, params_path: str | None, seed: int,
+                         precision: str = "float32") -> tuple[Any, Any]:
+    """The model and its variables; in bfloat16 the floating-point parameters are cast once, as
+    an inference deployment would (training keeps float32 masters, README "Pods")."""
+    dtype = PRECISIONS[precision]
+    model = saitjax.create_model(name, dtype=dtype)
     if params_path:
-        return model, saitjax.load_variables(params_path, name)
-    shape = (1, model.img_size, model.img_size, model.in_chans)
-    return model, jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape))
+        variables = saitjax.load_variables(params_path, name)
+    else:
+        shape = (1, model.img_size, model.img_size, model.in_chans)
+        variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape))
+    if dtype != jnp.float32:
+        variables = jax.tree.map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, variables)
+    return model, variables
 
 
 def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, runs: int = 10,
         warmup: int = 2, vs_timm: bool = False, params_path: str | None = None, seed: int = 0,
-        baseline: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        baseline: str | None = None, precision: str = "float32",
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Benchmark ``model_name`` at every batch size; one row per (batch size, variant).
 
     ``baseline``: a dense model timed first (random weights), the reference of every ratio.
+    ``precision``: compute dtype of every variant, timm's included (``torch.autocast``).
     """
-    model, variables = _model_and_variables(model_name, params_path, seed)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {sorted(PRECISIONS)}")
+    model, variables = _model_and_variables(model_name, params_path, seed, precision)
     for spec in specs:
         spec.check_depth(model.depth)
     shape = (model.img_size, model.img_size, model.in_chans)
     reference = None
     if baseline:
-        reference = _model_and_variables(baseline, None, seed)
+        reference = _model_and_variables(baseline, None, seed, precision)
         if (reference[0].img_size, reference[0].in_chans) != (model.img_size, model.in_chans):
             raise ValueError(f"--baseline {baseline} takes {reference[0].img_size} px images, "
                              f"{model_name} {model.img_size} px: compare models of one input size")
@@ -140,7 +161,7 @@ def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, r
             timm_name = saitjax.model_entry(model_name).timm_name
             if timm_name is None:
                 raise ValueError(f"{model_name} has no timm twin to compare with (--vs-timm)")
-            variants.append(timm_variant(timm_name, images_np))
+            variants.append(timm_variant(timm_name, images_np, precision))
         for v in variants:
             for _ in range(warmup):
                 v.call()
@@ -154,7 +175,7 @@ def run(model_name: str, batch_sizes: list[int], specs: list[SparsitySpec], *, r
             row = {"model": v.model or model_name, "framework": v.framework, "batch_size": batch, "spec": v.spec,
                    "img_per_s": batch / ms * 1e3, "ms_per_batch": ms, "compile_s": v.compile_s,
                    "gmacs_analytic": v.gmacs, "gflops_xla": v.gflops_xla,
-                   "speedup_vs_first": base_ms / ms, "runs": runs, **env}
+                   "speedup_vs_first": base_ms / ms, "runs": runs, "precision": precision, **env}
             if v.framework == "saitjax":
                 row["flop_ratio_vs_first"] = v.gmacs / base.gmacs
                 row["executed_flop_ratio_vs_first"] = v.extra["gmacs_executed"] / base.gmacs
@@ -204,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None,
                         help="another registered model timed first, dense, as the reference of the "
                              "ratios (e.g. swin_small_patch4_window7_224 for STViT-R-Swin-S)")
+    parser.add_argument("--precision", default="float32", choices=sorted(PRECISIONS),
+                        help="compute dtype of every variant; bfloat16 casts saitjax's parameters once "
+                             "and runs timm under torch.autocast")
     parser.add_argument("--json", default=None, help="append one JSON object per row to this file")
     args = parser.parse_args(argv)
     try:
@@ -214,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         specs = ([SparsitySpec.dense()] + [parse_keep(k, locations) for k in args.keep]
                  + [saitjax.create_model(args.model).default_sparsity() if d.strip() == "default"
                     else parse_density(d, locations) for d in args.density])
-        print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs; "
+        print(f"saitjax benchmark: {args.model}, batch sizes {batch_sizes}, {args.runs} runs, "
+              f"{args.precision}; "
               f"{_environment()}")
         rows = run(args.model, batch_sizes, specs, runs=args.runs, warmup=args.warmup,
-                   vs_timm=args.vs_timm, params_path=args.params, baseline=args.baseline)
+                   vs_timm=args.vs_timm, params_path=args.params, baseline=args.baseline,
+                   precision=args.precision)
     except (SparsityError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+
 from saitjax import benchmark
 
 
@@ -57,3 +60,15 @@ def test_cli_baseline_model_is_the_reference_of_every_ratio(tmp_path, capsys):
     assert rows[1]["flop_ratio_vs_first"] == 1.0 and rows[2]["flop_ratio_vs_first"] < 0.6
     assert benchmark.main(["--model", "stvit_test_patch4_32", "--baseline", "vit_demo_patch8_64"]) == 2
     assert "compare models of one input size" in capsys.readouterr().err
+
+
+def test_cli_precision_runs_every_variant_in_bfloat16(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert benchmark.main(["--model", "vit_test_patch4_32", "--batch-sizes", "2", "--keep", "0.5",
+                           "--locations", "1", "--precision", "bfloat16", "--runs", "1", "--warmup", "0",
+                           "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["precision"] for r in rows] == ["bfloat16", "bfloat16"]
+    model, variables = benchmark._model_and_variables("vit_test_patch4_32", None, 0, "bfloat16")
+    assert model.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}

@@ -7,11 +7,13 @@ slow path). With all-ones decisions the global half is a plain mean, as on ConvN
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from saitjax.models import precision
 
 Array = jax.Array
 
@@ -29,8 +31,8 @@ class Predictor(nn.Module):
         """``x [B, N, C]`` patch tokens, ``decisions [B, N]`` 0/1 -> log-probs ``[B, N, 2]`` (float32)."""
         c = x.shape[-1]
 
-        def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(features, dtype=self.dtype, kernel_init=_PREDICTOR_INIT, name=name)
+        def dense(features: int, name: str) -> Callable[[Array], Array]:
+            return precision.dense(features, self.dtype, name, kernel_init=_PREDICTOR_INIT)
 
         z = nn.LayerNorm(self.eps, dtype=self.dtype, name="in_norm")(x)
         z = nn.gelu(dense(c, "in_fc")(z), approximate=False)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops
+from saitjax.models import precision, token_ops
 
 Array = jax.Array
 
@@ -85,7 +85,7 @@ class FastPath(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
         y = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(x)
-        y = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.truncated_normal(0.02), name="fc")(y)
+        y = precision.dense(c, self.dtype, "fc", kernel_init=nn.initializers.truncated_normal(0.02))(y)
         if self.ls_init_value is not None:
             y = y * self.param("gamma", nn.initializers.constant(self.ls_init_value), (c,)).astype(y.dtype)
         return y

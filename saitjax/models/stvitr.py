@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ import numpy as np
 
 from saitjax.models.registry import register_model
 from saitjax.models.swin import LN_EPS, SWIN_SIZES, PatchMerging, SwinBlock, SwinTransformer
-from saitjax.models import token_ops
+from saitjax.models import precision, token_ops
 from saitjax.models.token_ops import adaptive_max_pool
 from saitjax.models.vit import Aux, DropPath, Mlp
 from saitjax.sparsity import SparsitySpec
@@ -84,8 +84,8 @@ class SemanticAttention(nn.Module):
         *lead, n1, c = queries.shape
         n2, h = keys.shape[-2], self.num_heads
 
-        def dense(features: int, name: str, bias: bool = self.qkv_bias) -> nn.Dense:
-            return nn.Dense(features, use_bias=bias, dtype=self.dtype, kernel_init=_dense_init, name=name)
+        def dense(features: int, name: str, bias: bool = self.qkv_bias) -> Callable[[Array], Array]:
+            return precision.dense(features, self.dtype, name, use_bias=bias, kernel_init=_dense_init)
 
         q = jnp.swapaxes(dense(c, "q")(queries).reshape(*lead, n1, h, c // h), -2, -3)  # [..., H, N1, d]
         kv = dense(2 * c, "kv")(keys).reshape(*lead, n2, 2, h, c // h)

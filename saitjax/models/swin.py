@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saitjax.models import token_ops
+from saitjax.models import precision, token_ops
 from saitjax.models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
@@ -59,7 +59,7 @@ class WindowAttention(nn.Module):
             raise ValueError(f"WindowAttention(window_size={w}) got windows of {n} tokens, expected {w * w}")
         table = self.param("relative_position_bias_table", _dense_init, ((2 * w - 1) ** 2, h))
         bias = table[token_ops.relative_position_index(w).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
-        qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
+        qkv = precision.dense(3 * c, self.dtype, "qkv", use_bias=self.qkv_bias, kernel_init=_dense_init)(x)
         q, k, v = qkv.reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)  # each [B, nW, H, N, d]
         logits = (q * (c // h) ** -0.5) @ jnp.swapaxes(k, -1, -2)
         logits = logits.astype(jnp.float32) + bias.astype(jnp.float32)
@@ -67,7 +67,7 @@ class WindowAttention(nn.Module):
             logits = logits + jnp.asarray(mask, jnp.float32)[None, :, None]
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = (attn @ v).transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
-        out = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
+        out = precision.dense(c, self.dtype, "proj", kernel_init=_dense_init)(out)
         return nn.Dropout(self.drop_rate, deterministic=not train)(out)
 
 
@@ -131,8 +131,8 @@ class PatchMerging(nn.Module):
         c = x.shape[-1]
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
         x = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="norm")(x)
-        return nn.Dense(self.out_dim or 2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init,
-                        name="reduction")(x)
+        return precision.dense(self.out_dim or 2 * c, self.dtype, "reduction", use_bias=False,
+                               kernel_init=_dense_init)(x)
 
 
 class SwinStage(HierarchicalStage, nn.Module):

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from saitjax.models import attention, remat, token_ops
+from saitjax.models import attention, precision, remat, token_ops
+from saitjax.models.layer_norm import LayerNorm
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -103,8 +104,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images: Array) -> Array:
         p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    name="proj")(images)
+        x = precision.patch_conv(self.embed_dim, p, self.dtype, "proj")(images)
         return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
@@ -128,8 +128,8 @@ class QKVProjection(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (3 * c,)) if self.use_bias else None
         cols = {"qkv": slice(None), "q": slice(0, c), "kv": slice(c, 3 * c)}[part]
         x, kernel = x.astype(self.dtype), kernel[:, cols].astype(self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        return y if bias is None else y + bias[cols].astype(self.dtype)
+        y = precision.accumulate_f32(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return (y if bias is None else y + bias[cols]).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -163,7 +163,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         h = self.num_heads
         qkv = QKVProjection(c, self.qkv_bias, self.dtype, name="qkv")
-        proj = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="proj")
+        proj = precision.dense(c, self.dtype, "proj", kernel_init=_dense_init)
         if not attention.needs_explicit_attention(self.impl, train, keep, self.keep_gradient, context):
             q, k, v = (t[:, :, 0] for t in jnp.split(qkv(x).reshape(b, n, 3, h, c // h), 3, axis=2))
             heads = attention.fused_attention(q, k, v, keep, log_size)  # [B, N, H, d]
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         if log_size is not None:
             logits = logits + log_size[:, None, None, :]
         attn = token_ops.masked_softmax(logits, keep)  # float32 [B, H, N, N (+ M)]
-        heads = attn.astype(v.dtype) @ v  # [B, H, N, d]
+        heads = precision.matmul(attn.astype(v.dtype), v)  # [B, H, N, d]
         out = proj(heads.transpose(0, 2, 1, 3).reshape(b, n, c))
         cls_attn = attn[:, :, 0, :n]
         if self.head_weighting == "importance":
@@ -205,10 +205,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
-        x = nn.Dense(int(c * self.mlp_ratio), dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+        x = precision.dense(int(c * self.mlp_ratio), self.dtype, "fc1", kernel_init=_dense_init)(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        x = nn.Dense(c, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
+        x = precision.dense(c, self.dtype, "fc2", kernel_init=_dense_init)(x)
         return nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
 
@@ -232,10 +232,10 @@ class Block(nn.Module):
     keep_gradient: bool = False
 
     def setup(self):
-        self.norm1 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
+        self.norm1 = LayerNorm(_LN_EPS, dtype=self.dtype)
         self.attn = Attention(self.num_heads, self.qkv_bias, self.head_weighting, self.dtype, self.attention,
                               self.keep_gradient)
-        self.norm2 = nn.LayerNorm(_LN_EPS, dtype=self.dtype)
+        self.norm2 = LayerNorm(_LN_EPS, dtype=self.dtype)
         self.mlp = Mlp(self.mlp_ratio, self.drop_rate, self.dtype)
         self.drop_path = DropPath(self.drop_path_rate)
         self.dropout = nn.Dropout(self.drop_rate)
@@ -364,7 +364,7 @@ class VisionTransformer(nn.Module):
                        for rate in rates]
         # Final norm and heads in float32 whatever the compute dtype (cheap; the logits and the
         # distilled tokens are what losses read).
-        self.norm = nn.LayerNorm(_LN_EPS, dtype=jnp.float32)
+        self.norm = LayerNorm(_LN_EPS, dtype=jnp.float32)
         self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=jnp.float32)
         if self.distilled:
             self.head_dist = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=jnp.float32)
