@@ -14,7 +14,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "safetensors>=0.4,<1",
     "matplotlib>=3.8,<4",
-    "tensorboard>=2.16,<3",
+    "tqdm>=4.66",  # the progress bar in terminals and notebooks
+    "tensorboard>=2.16,<3",  # to view the logs; tests read events back with it
+    "tensorboardX>=2.6,<3",  # writes the TensorBoard events (no TensorFlow)
     # TensorFlow is only imported inside saitjax.data (input pipelines); the models,
     # conversion and benchmark paths never import it.
     "tensorflow-datasets>=4.9.6,<5",

@@ -9,7 +9,8 @@
 (STViT-R against Swin) is compared with its backbone in the same run.
 
 Protocol (design.md §5): inputs on device; compile first and report compile time apart;
-warm-up calls; then ``--runs`` timed calls, each ending in ``block_until_ready``, *interleaved*
+warm-up calls; then ``--runs`` timed calls, each ending in ``block_until_ready`` and preceded
+by an untimed call of the same variant (so it runs back to back, as in a loop), *interleaved*
 across the compared variants so that drift of the machine affects all of them alike; the median
 is reported. FLOPs two ways: analytic GMACs from the token schedule and XLA's count of the
 compiled function. Ratios (sparse vs dense, saitjax vs timm) come from the same process.
@@ -53,6 +54,12 @@ class Variant:
         self.extra: dict[str, Any] = {}
 
     def time_once(self) -> None:
+        # One untimed call right before the timed one: the timed call then runs back to back, as in
+        # a serving or training loop, with this variant's threads awake and the previous variant's
+        # (PyTorch's OpenMP pool, XLA's) done spinning. Without it, whichever framework follows
+        # the other pays for the other's spinning threads; with a pause instead, both pay for
+        # waking up (XLA more: DeiT-S bf16 at batch 1 measured 37 ms back to back, 53 after 50 ms idle).
+        self.call()
         start = time.perf_counter()
         self.call()
         self.times.append(time.perf_counter() - start)

@@ -17,21 +17,22 @@ For a remote workdir (``gs://``; :mod:`saitjax.workdir`) both files are written 
 staging directory and copied up whole by :meth:`MetricWriter.flush` (the trainer flushes at
 every checkpoint) and at close: object stores cannot append.
 
-TensorBoard events are written with the ``tensorboard`` package's protos and its pure-Python
-record framing, deliberately *not* through ``EventFileWriter``: that class goes through
-``tensorboard.compat.tf``, which imports TensorFlow whenever it is installed, and the training
-loop's metrics path must stay free of TensorFlow.
+TensorBoard events go through tensorboardX, which writes TensorBoard's protobufs without
+TensorFlow from a background thread (the training loop never waits on the disk); resumes use its
+``purge_step``. Events reach the file within ``flush_secs`` (10 s) and all of them at close; the
+jsonl file, written synchronously, is the one a killed run never loses a row of.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import json
 import math
 import os
 import shutil
-import socket
+import sys
 import tempfile
 import time
 from collections import deque
@@ -60,55 +61,34 @@ def _json_value(value: float) -> float | str:
 
 
 class _EventFile:
-    """A TensorBoard event file written synchronously, without TensorFlow."""
+    """TensorBoard events through tensorboardX (a protobuf writer, no TensorFlow), one file per
+    writer. tensorboardX writes from a background thread; :meth:`close` drains its queue."""
 
-    def __init__(self, logdir: str):
-        # Imported here so that metrics.jsonl works even where tensorboard is not installed.
-        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2
-        from tensorboard.compat.proto import tensor_shape_pb2, types_pb2
-        from tensorboard.plugins.text import metadata as text_metadata
-        from tensorboard.summary.writer.record_writer import RecordWriter
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        # Imported here so that metrics.jsonl works even where tensorboardX is not installed.
+        from tensorboardX import SummaryWriter
 
-        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        self._tensor_pb2, self._shape_pb2, self._types_pb2 = tensor_pb2, tensor_shape_pb2, types_pb2
-        self._text_metadata = text_metadata
         os.makedirs(logdir, exist_ok=True)
-        # Same naming scheme as TensorFlow's writer: TensorBoard reads every file in logdir, in
-        # name (= creation time) order, so a resumed run adds a file rather than rewriting one.
-        name = "events.out.tfevents.%010d.%s.%d.%d" % (
-            time.time(), socket.gethostname(), os.getpid(), next(_event_file_counter))
-        self.path = os.path.join(logdir, name)
-        self._records = RecordWriter(open(self.path, "wb"))
-        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def _add(self, event) -> None:
-        self._records.write(event.SerializeToString())
+        # tensorboardX names files by the second and host; the pid and a counter keep two writers
+        # of one second (a quick resume, tests) apart. TensorBoard reads every file in name order.
+        suffix = f".{os.getpid()}.{next(_event_file_counter)}"
+        # purge_step: a SessionLog.START at the resumed step, so that TensorBoard discards the
+        # killed run's events from that step on.
+        self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=10, filename_suffix=suffix)
+        (self.path,) = glob.glob(os.path.join(glob.escape(logdir), f"events.out.tfevents.*{suffix}"))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        summary = self._summary_pb2.Summary(value=[
-            self._summary_pb2.Summary.Value(tag=tag, simple_value=value)
-            for tag, value in values.items()])
-        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-
-    def session_start(self, step: int) -> None:
-        """Tell TensorBoard a run (re)starts at ``step``: it drops older files' events at >= step."""
-        log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
-        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, session_log=log))
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
 
     def text(self, step: int, tag: str, text: str) -> None:
-        tensor = self._tensor_pb2.TensorProto(
-            dtype=self._types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
-            tensor_shape=self._shape_pb2.TensorShapeProto())
-        metadata = self._text_metadata.create_summary_metadata(display_name=tag, description="")
-        value = self._summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
-        summary = self._summary_pb2.Summary(value=[value])
-        self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self._writer.add_text(tag, text, step)
 
     def flush(self) -> None:
-        self._records.flush()
+        self._writer.flush()
 
     def close(self) -> None:
-        self._records.close()
+        self._writer.close()
 
 
 class MetricWriter:
@@ -154,9 +134,8 @@ class MetricWriter:
         if needs_newline:
             self._jsonl.write("\n")
         if tensorboard:
-            self._events = _EventFile(os.path.join(self._stage or workdir, TENSORBOARD_DIR))
-            if resume_step is not None:
-                self._events.session_start(resume_step + 1)
+            self._events = _EventFile(os.path.join(self._stage or workdir, TENSORBOARD_DIR),
+                                      purge_step=None if resume_step is None else resume_step + 1)
 
     @property
     def tensorboard_path(self) -> str | None:
@@ -180,7 +159,6 @@ class MetricWriter:
         self._jsonl.flush()
         if self._events is not None and values:
             self._events.scalars(step, values)
-            self._events.flush()
 
     def logged(self, step: int, prefix: str = "") -> bool:
         """Whether a row at ``step`` with a key starting with ``prefix`` is already recorded (a
@@ -204,11 +182,11 @@ class MetricWriter:
         if not self._active() or self._events is None:
             return
         self._events.text(int(step), tag, text)
-        self._events.flush()
 
     def flush(self) -> None:
-        """Push everything written so far to disk (survives a machine crash, not only a kill);
-        for a remote workdir, copy both files up."""
+        """Push the jsonl rows written so far to disk (they survive a machine crash, not only a
+        kill) and hand TensorBoard's queued events to its writer; for a remote workdir, copy both
+        files up (complete at :meth:`close`)."""
         if not self._active():
             return
         self._jsonl.flush()
@@ -318,17 +296,33 @@ def format_value(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _interactive() -> bool:
+    """A terminal, or a notebook that can show tqdm's widget (Colab, Jupyter with ipywidgets)."""
+    if sys.stderr.isatty():  # where tqdm draws
+        return True
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Progress:
-    """One plain line per :meth:`update` (no carriage returns, so log files stay readable).
+    """Training progress: a tqdm bar where a person watches (terminal, notebook), one plain line
+    per :meth:`update` where a log file does (no carriage returns, so logs stay readable).
 
     Throughput is measured from the wall time between updates. The first update after a (re)start
     includes compilation, so it reports that time on its own instead of a misleading img/s.
     Construct it right before the training loop: the first interval starts at construction.
-    The ETA uses the rate over the last ``window`` intervals.
+    The ETA uses the rate over the last ``window`` intervals. ``live``: force the bar on or off
+    (default: on when printing to an interactive session).
     """
 
     def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0,
-                 print_fn: Callable[[str], Any] | None = print, *, window: int = 10):
+                 print_fn: Callable[[str], Any] | None = print, *, window: int = 10,
+                 live: bool | None = None):
         self.total_steps = int(total_steps)
         self.global_batch_size = int(global_batch_size)
         self.print_fn = print_fn
@@ -337,6 +331,12 @@ class Progress:
         self._last_time = time.perf_counter()
         self._recent: deque[tuple[int, float]] = deque(maxlen=max(1, window))
         self.compile_s: float | None = None
+        self._bar = None
+        if live if live is not None else (print_fn is print and _interactive()):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps or None, initial=int(start_step), unit="step",
+                             dynamic_ncols=True, smoothing=0.1)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -367,9 +367,18 @@ class Progress:
             parts.append(f"ETA {format_duration(eta)}")
         self._last_step, self._last_time = step, now
         line = "  ".join(parts)
-        if self.print_fn is not None:
+        if self._bar is not None:  # the bar shows step, %, elapsed and ETA itself
+            self._bar.set_postfix_str("  ".join(parts[1:]), refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif self.print_fn is not None:
             self.print_fn(line)
         return line
+
+    def close(self) -> None:
+        """End the bar (a no-op for plain lines); safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _step_text(self, step: int) -> str:
         if self.total_steps <= 0:

@@ -1,5 +1,5 @@
-"""The optimizer factory every training config uses: AdamW, a warm-up + decay schedule, and
-parameter groups selected by regexes over "/"-joined parameter paths.
+"""The optimizer factory every training config uses: AdamW, a warm-up + decay schedule (optax's
+schedules), and parameter groups selected by regexes over "/"-joined parameter paths.
 
     cfg = OptimizerConfig(lr=scaled_lr(5e-4, 1024), total_steps=300 * steps_per_epoch,
                           warmup_steps=5 * steps_per_epoch, grad_clip_norm=None,
@@ -36,7 +36,8 @@ DEFAULT_NO_WEIGHT_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)(cls_token|dist
 def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
                   warmup_init_lr: float = 0.0, decay: str = "cosine") -> optax.Schedule:
     """Linear warm-up ``warmup_init_lr -> base_lr`` over ``warmup_steps``, then a decay that
-    reaches ``min_lr`` at ``total_steps`` and stays there (jittable: no host sync)."""
+    reaches ``min_lr`` at ``total_steps`` and stays there: optax's schedules, joined, with the
+    argument checks they leave out (jittable: no host sync)."""
     if not isinstance(total_steps, numbers.Integral) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
     if not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
@@ -55,26 +56,18 @@ def make_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0, mi
 
     base, low, init = float(base_lr), float(min_lr), float(warmup_init_lr)
     decay_steps = total_steps - warmup_steps
-
-    def schedule(count: Any) -> jax.Array:
-        step = jnp.asarray(count, jnp.float32)
-        if warmup_steps > 0:
-            warm = init + (base - init) * step / warmup_steps
-        else:
-            warm = jnp.asarray(base, jnp.float32)
-        if decay == "constant":
-            after = jnp.full_like(step, base)
-        elif decay_steps == 0:  # warm-up fills the whole run: nothing left to decay over
-            after = jnp.full_like(step, low)
-        else:
-            t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-            if decay == "cosine":
-                after = low + (base - low) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-            else:
-                after = base + (low - base) * t
-        return jnp.where(step < warmup_steps, warm, after).astype(jnp.float32)
-
-    return schedule
+    if decay == "constant":
+        after = optax.constant_schedule(base)
+    elif decay_steps == 0 or base == 0.0:  # nothing left to decay over, or nothing to decay
+        after = optax.constant_schedule(low)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(base, decay_steps, alpha=low / base)
+    else:
+        after = optax.linear_schedule(base, low, decay_steps)
+    if warmup_steps > 0:
+        after = optax.join_schedules([optax.linear_schedule(init, base, warmup_steps), after],
+                                     boundaries=[warmup_steps])
+    return lambda count: jnp.asarray(after(count), jnp.float32)
 
 
 def scaled_lr(lr_per_512: float, global_batch_size: int, reference_batch: int = 512) -> float:

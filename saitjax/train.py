@@ -585,6 +585,7 @@ def _train(run: Run, max_steps: int | None) -> dict[str, Any]:
             if chief and (start_step < total_steps or run_results.read_record(workdir) is None):
                 run.write_results(results, step, wall_time(), sweep_rows)
     finally:
+        progress.close()
         writer.close()
     if stop.received:
         logging.warning("stopped by %s at step %d, checkpoint saved; run the same command to resume",

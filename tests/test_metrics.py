@@ -1,4 +1,4 @@
-"""MetricWriter (jsonl + TensorBoard without TensorFlow), read_metrics and Progress."""
+"""MetricWriter (jsonl + TensorBoard through tensorboardX), read_metrics and Progress."""
 
 import json
 import math
@@ -114,15 +114,16 @@ def test_tensorboard_events_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0,
                                                                          "tensors": 0})
     acc.Reload()
-    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "eval/top1@dense"}
+    # TensorBoard tags follow TensorFlow's name rules (tensorboardX: "@" -> "_"); the jsonl keeps the key
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "eval/top1_dense"}
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [10, 20, 30]
     assert [e.value for e in loss] == pytest.approx([0.1, 0.05, 1 / 30])
-    assert [(e.step, e.value) for e in acc.Scalars("eval/top1@dense")] == [(30, 0.75)]
-    (text,) = acc.Tensors("config")
+    assert [(e.step, e.value) for e in acc.Scalars("eval/top1_dense")] == [(30, 0.75)]
+    (text,) = acc.Tensors("config/text_summary")  # tensorboardX's tag for a text summary
     assert text.step == 0
     assert text.tensor_proto.string_val == [b"model: deit_small\nlr: 0.001"]
-    assert acc.SummaryMetadata("config").plugin_data.plugin_name == "text"
+    assert acc.SummaryMetadata("config/text_summary").plugin_data.plugin_name == "text"
 
 
 def test_writer_does_not_import_tensorflow(tmp_path):
@@ -194,3 +195,20 @@ def test_logged_tells_whether_a_step_is_recorded(tmp_path):
     with MetricWriter(str(tmp_path), tensorboard=False) as writer:
         writer.write_scalars(8, {"loss": 1.0}, prefix="train/")
         assert writer.logged(8, "train/") and not writer.logged(8, "eval/") and not writer.logged(7)
+
+
+def test_progress_bar_where_a_person_watches(monkeypatch):
+    """live: tqdm draws the bar (step, rate, ETA) with the scalars as its postfix; nothing is printed."""
+    clock = FakeClock(monkeypatch)
+    printed = []
+    progress = Progress(100, 8, start_step=10, print_fn=printed.append, live=True)
+    assert progress._bar.n == 10 and progress._bar.total == 100
+    clock.now += 3.0
+    progress.update(20, loss=1.5)
+    clock.now += 1.0
+    line = progress.update(30, loss=1.25)
+    assert progress._bar.n == 30 and "loss 1.25" in str(progress._bar)
+    assert line.startswith("step 30/100") and printed == []
+    progress.close()
+    progress.close()
+    assert Progress(100, 8)._bar is None  # pytest's captured output is not a terminal

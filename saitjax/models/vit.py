@@ -243,13 +243,13 @@ class Block(nn.Module):
     def attend(self, x: Array, train: bool, keep: Array | None = None, log_size: Array | None = None,
                context: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """``x + Attn(LN(x))``; with a ``context``, the keys/values also include ``LN(context)``."""
-        y, info = self.attn(self.norm1(x), keep, train, log_size,
-                            None if context is None else self.norm1(context))
+        y, info = self.attn(self.norm1(x, train), keep, train, log_size,
+                            None if context is None else self.norm1(context, train))
         y = self.dropout(y, deterministic=not train)
         return x + self.drop_path(y, train), info
 
     def feed_forward(self, x: Array, train: bool) -> Array:
-        return x + self.drop_path(self.mlp(self.norm2(x), train), train)
+        return x + self.drop_path(self.mlp(self.norm2(x, train), train), train)
 
     def __call__(self, x: Array, keep: Array | None, train: bool) -> tuple[Array, Array]:
         x, info = self.attend(x, train, keep)
