@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.models.asvit import threshold_params
 from saitjax.optim import DEFAULT_NO_WEIGHT_DECAY
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
@@ -117,14 +118,15 @@ def test_one_compilation_per_density_across_bucket_changes(setup):
     capacities = spec.bucket_capacities(model.num_patches)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec))
     seen = set()
-    for i in range(8):  # flat images score every patch alike (all kept); texture spreads the scores
-        x = 0.5 + jax.random.normal(jax.random.key(20 + i), (1, 32, 32, 3)) * (0.02 * 2 ** i)
-        _, aux = fn(params, x)
-        cap = int(aux["capacity"][0])
-        assert cap == min(c for c in capacities if c >= int(aux["kept_counts"][0][0]))
-        seen.add(cap)
+    with CompilationCounter() as compiled:
+        for i in range(8):  # flat images score every patch alike (all kept); texture spreads the scores
+            x = 0.5 + jax.random.normal(jax.random.key(20 + i), (1, 32, 32, 3)) * (0.02 * 2 ** i)
+            _, aux = fn(params, x)
+            cap = int(aux["capacity"][0])
+            assert cap == min(c for c in capacities if c >= int(aux["kept_counts"][0][0]))
+            seen.add(cap)
     assert len(seen) >= 2, f"test inputs should exercise several buckets, saw {seen}"
-    assert fn._cache_size() == 1
+    assert compiled.of(fn) == 1
 
 
 def test_scaling_the_thresholds_trades_tokens_for_speed(setup):

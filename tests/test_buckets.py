@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.flops import per_image_gmacs
 from saitjax.models.buckets import effective_chunks
 from saitjax.sparsity import SparsityError, parse_density
@@ -41,12 +42,13 @@ def test_micro_batches_give_the_logits_of_each_image_alone(setup, chunks):
     model, params, images = setup
     spec = parse_density(f"mass:0.85@1/2,chunks={chunks}", buckets=BUCKETS)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec))
-    logits, aux = fn(params, images)
-    alone = np.concatenate([np.asarray(fn(params, images[i:i + 1])[0]) for i in range(len(images))])
+    with CompilationCounter() as compiled:
+        logits, aux = fn(params, images)
+        alone = np.concatenate([np.asarray(fn(params, images[i:i + 1])[0]) for i in range(len(images))])
     np.testing.assert_allclose(np.asarray(logits), alone, atol=2e-5)
     masked, _ = model.apply({"params": params}, images, sparsity=spec.with_mode("mask"))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(masked), atol=2e-5)
-    assert fn._cache_size() == 2  # batch 8 and batch 1: one compilation each, all buckets inside
+    assert compiled.of(fn) == 2  # batch 8 and batch 1: one compilation each, all buckets inside
 
 
 def test_sorted_chunks_run_each_image_in_its_chunk_bucket(setup):

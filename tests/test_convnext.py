@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.convert import convert_state_dict, guess_model_name
 from saitjax.flops import analytic_gmacs
 from saitjax.models.convnext import CONVNEXT_TEST_GEOMETRY, ConvNeXt
@@ -43,8 +44,9 @@ def test_features_tokens_and_one_compilation_per_shape(tiny):
     last = aux["features"][-1].reshape(2, 1, 128)  # the head's LayerNorm at every location
     normed = (last - last.mean(-1, keepdims=True)) / jnp.sqrt(last.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(aux["tokens"], normed * params["norm"]["scale"] + params["norm"]["bias"], atol=1e-5)
-    apply({"params": params}, images * 3.0)
-    assert apply._cache_size() == 1  # one compilation per input shape and mode
+    with CompilationCounter() as compiled:
+        apply({"params": params}, images * 3.0)
+    assert compiled.of(apply) == 0  # one compilation per input shape and mode
 
 
 def test_train_mode_is_stochastic_and_rates_are_linear(tiny):

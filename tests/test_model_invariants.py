@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.sparsity import SparsitySpec, parse_density
 
 
@@ -114,9 +115,10 @@ def test_one_compilation_per_spec(built, name):
     model, params, images = built(name)
     spec = _reducing_spec(model, name)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[0])
-    for scale in (1.0, 3.0, 0.2):
-        jax.block_until_ready(fn(params, images * scale))
-    assert fn._cache_size() == 1
+    with CompilationCounter() as compiled:
+        for scale in (1.0, 3.0, 0.2):
+            jax.block_until_ready(fn(params, images * scale))
+    assert compiled.of(fn) == 1
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.models import token_ops
 from saitjax.models.sait import adaptive_counts
 from saitjax.sparsity import SparsitySpec, parse_density
@@ -108,17 +109,18 @@ def test_one_compilation_per_spec_whatever_the_batch():
     capacities = spec.bucket_capacities(model.num_patches)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec))
     seen = set()
-    for i in range(8):
-        x = jax.random.normal(jax.random.key(10 + i), (1, 32, 32, 3)) * (0.3 + i)
-        _, aux = fn(params, x)
-        counts = np.asarray(aux["kept_counts"][0])
-        cap = int(aux["capacity"][0])
-        seen.add(cap)
-        # the batch ran in the smallest bucket that holds its largest image
-        assert cap == min(c for c in capacities if c >= counts.max())
-        assert aux["tokens"].shape == (1, 1 + model.num_patches, model.embed_dim)
+    with CompilationCounter() as compiled:
+        for i in range(8):
+            x = jax.random.normal(jax.random.key(10 + i), (1, 32, 32, 3)) * (0.3 + i)
+            _, aux = fn(params, x)
+            counts = np.asarray(aux["kept_counts"][0])
+            cap = int(aux["capacity"][0])
+            seen.add(cap)
+            # the batch ran in the smallest bucket that holds its largest image
+            assert cap == min(c for c in capacities if c >= counts.max())
+            assert aux["tokens"].shape == (1, 1 + model.num_patches, model.embed_dim)
     assert len(seen) >= 2, f"test inputs should exercise several buckets, saw {seen}"
-    assert fn._cache_size() == 1 <= len(capacities)
+    assert compiled.of(fn) == 1 <= len(capacities)
 
 
 def test_distilled_prefix_and_importance_weighting():

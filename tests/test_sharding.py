@@ -59,7 +59,10 @@ def test_an_fsdp_step_on_eight_devices_equals_the_replicated_step():
     moments = [x for x in jax.tree.leaves(fsdp.opt_state) if getattr(x, "shape", None) == (32, 128)]
     assert moments and all(m.sharding.spec == P(None, "data") for m in moments)  # Adam's mu and nu follow
     np.testing.assert_allclose(m_fsdp["loss"], m_rep["loss"], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    # Equal up to reassociation: sharded operands change XLA's summation order (the LayerNorm
+    # reductions above all), and Adam's m / sqrt(v) turns that noise in near-zero gradients into
+    # update noise (7e-7 seen, against parameter moves of ~1e-3 at lr 3e-3).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  jax.device_get(fsdp.params), jax.device_get(replicated.params))
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import saitjax
+from saitjax.compilations import CompilationCounter
 from saitjax.flops import analytic_gmacs, xla_flops
 from saitjax.models import token_ops
 from saitjax.models.vit import Block
@@ -112,9 +113,10 @@ def test_counts_flops_and_one_compilation(tiny):
     xla_ratio = xla_flops(fn(spec)) / xla_flops(fn(dense))
     assert xla_ratio == pytest.approx(analytic_gmacs(model, spec) / analytic_gmacs(model, dense), rel=0.05)
     run = jax.jit(lambda p, x: model.apply({"params": p}, x, sparsity=spec)[0])
-    for scale in (1.0, 5.0):
-        run(params, images * scale)
-    assert run._cache_size() == 1
+    with CompilationCounter() as compiled:
+        for scale in (1.0, 5.0):
+            run(params, images * scale)
+    assert compiled.of(run) == 1
 
 
 def test_deit_small_flops_and_parameters():
