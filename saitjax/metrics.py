@@ -332,7 +332,9 @@ class Progress:
         self._recent: deque[tuple[int, float]] = deque(maxlen=max(1, window))
         self.compile_s: float | None = None
         self._bar = None
-        if live if live is not None else (print_fn is print and _interactive()):
+        if live is None:
+            live = print_fn is print and _interactive()
+        if live:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_steps or None, initial=int(start_step), unit="step",
