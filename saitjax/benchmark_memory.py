@@ -150,8 +150,8 @@ def _choices(text: str, allowed: tuple[str, ...] | None, flag: str) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saitjax.models.attention import ATTENTION_IMPLS
-    from saitjax.models.remat import check_remat
+    from saitjax.models.core.attention import ATTENTION_IMPLS
+    from saitjax.models.core.remat import check_remat
 
     parser = argparse.ArgumentParser(prog="python -m saitjax.benchmark_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

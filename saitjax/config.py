@@ -228,8 +228,8 @@ def build_model(c: ml_collections.ConfigDict) -> Any:
 
     from saitjax.models import create_model
     from saitjax.models.registry import model_entry
-    from saitjax.models.attention import check_attention_impl
-    from saitjax.models.remat import check_remat
+    from saitjax.models.core.attention import check_attention_impl
+    from saitjax.models.core.remat import check_remat
 
     compute = c.compute
     _require(compute.precision in PRECISIONS,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from saitjax import losses
 from saitjax.flops import per_image_gmacs
-from saitjax.models.variables import as_variables
+from saitjax.models.core.variables import as_variables
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array

@@ -24,7 +24,7 @@ import numpy as np
 
 from saitjax.evaluate import Evaluator
 from saitjax.flops import density_cost
-from saitjax.models.variables import as_variables
+from saitjax.models.core.variables import as_variables
 from saitjax.run_results import standard_error
 from saitjax.sparsity import SparsitySpec
 

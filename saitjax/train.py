@@ -35,7 +35,7 @@ from saitjax.flops import density_cost
 from saitjax.methods import Method, build_method
 from saitjax.methods.base import MODEL_STATE
 from saitjax.metrics import MetricWriter, Progress
-from saitjax.models.variables import is_variables, split_variables
+from saitjax.models.core.variables import is_variables, split_variables
 from saitjax.optim import OptimizerConfig, make_optimizer, param_groups_summary, scaled_lr
 from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.workdir import WorkdirLock

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saitjax.models import attention, token_ops
+from saitjax.models.core import attention, token_ops
 
 
 def _qkv_keep_size(b=2, n=9, h=3, d=4, seed=0):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import saitjax
 from saitjax.compilations import CompilationCounter
 from saitjax.flops import per_image_gmacs
-from saitjax.models.buckets import effective_chunks
+from saitjax.models.core.buckets import effective_chunks
 from saitjax.sparsity import SparsityError, parse_density
 
 

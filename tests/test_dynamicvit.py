@@ -15,7 +15,7 @@ from scipy.special import erf
 import saitjax
 from saitjax.convert import convert_state_dict, load_params
 from saitjax.flops import analytic_gmacs
-from saitjax.models.predictors import Predictor, predictor_macs
+from saitjax.models.core.predictors import Predictor, predictor_macs
 from saitjax.sparsity import SparsityError, SparsitySpec
 from saitjax.tools import convert as convert_cli
 

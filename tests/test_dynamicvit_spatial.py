@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import saitjax
 from saitjax.compilations import CompilationCounter
 from saitjax.flops import analytic_gmacs
-from saitjax.models.spatial_routing import apply_route, route_by_score
+from saitjax.models.core.spatial_routing import apply_route, route_by_score
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 
 from model_fixtures import random_params

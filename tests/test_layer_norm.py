@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saitjax.models.layer_norm import LayerNorm
+from saitjax.models.core.layer_norm import LayerNorm
 
 
 @pytest.mark.parametrize("statistics", ["auto", "dot", "reduce"])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saitjax.models import precision
+from saitjax.models.core import precision
 
 
 class _TwoLayers(nn.Module):

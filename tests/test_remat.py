@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import saitjax
-from saitjax.models.remat import remat_policy
+from saitjax.models.core.remat import remat_policy
 from saitjax.sparsity import SparsitySpec, parse_density
 
 pytestmark = pytest.mark.usefixtures("fast_xla")  # without XLA's fusions the recomputation is bit-exact

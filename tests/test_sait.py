@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 import saitjax
 from saitjax.compilations import CompilationCounter
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.sait import adaptive_counts
 from saitjax.sparsity import SparsitySpec, parse_density
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import saitjax
 from saitjax.compilations import CompilationCounter
 from saitjax.flops import analytic_gmacs, xla_flops
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.vit import Block
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 

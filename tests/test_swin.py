@@ -15,7 +15,7 @@ import saitjax
 from saitjax.compilations import CompilationCounter
 from saitjax.convert import ConversionError, convert_state_dict, guess_model_name, load_params
 from saitjax.flops import analytic_gmacs
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.swin import SWIN_TEST_GEOMETRY, SwinTransformer
 from saitjax.sparsity import SparsitySpec
 from saitjax.tools import convert as convert_cli

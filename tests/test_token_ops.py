@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops as ops
+from saitjax.models.core import token_ops as ops
 
 RNG = np.random.default_rng(0)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 import saitjax
 from saitjax.flops import analytic_gmacs, vit_macs
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.sparsity import SparsityError, SparsitySpec, parse_density
 
 

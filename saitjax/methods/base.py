@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from saitjax import losses
-from saitjax.models.variables import as_variables
+from saitjax.models.core.variables import as_variables
 from saitjax.sparsity import SparsitySpec, parse_density
 
 Array = jax.Array

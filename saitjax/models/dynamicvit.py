@@ -26,9 +26,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.deit import register_family
-from saitjax.models.predictors import Predictor, predictor_macs
+from saitjax.models.core.predictors import Predictor, predictor_macs
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec
 

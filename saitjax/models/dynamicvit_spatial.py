@@ -28,11 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.convnext import CONVNEXT_SIZES, ConvNeXt, ConvNeXtBlock
-from saitjax.models.predictors import Predictor, predictor_macs
+from saitjax.models.core.predictors import Predictor, predictor_macs
 from saitjax.models.registry import register_model
-from saitjax.models.spatial_routing import FastPath, RoutedBlock, run_routed_blocks
+from saitjax.models.core.spatial_routing import FastPath, RoutedBlock, run_routed_blocks
 from saitjax.models.swin import SWIN_DEMO_GEOMETRY, SWIN_SIZES, SwinBlock, SwinTransformer
 from saitjax.models.vit import Aux
 from saitjax.sparsity import SparsityError, SparsitySpec

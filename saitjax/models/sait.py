@@ -14,7 +14,7 @@ to sum to 1 over the patch tokens. A keep rule turns TIS into a per-image count 
 
 * ``mode="mask"`` (training, and the reference for tests): all tokens stay; pruned keys are
   hidden from attention.
-* ``mode="gather"`` (inference): the shared capacity-bucket runner (:mod:`saitjax.models.buckets`)
+* ``mode="gather"`` (inference): the shared capacity-bucket runner (:mod:`saitjax.models.core.buckets`)
   runs each (sorted micro-batch of the) batch in the smallest bucket holding its largest ``K_b``
   (``lax.switch`` inside the jitted function, one compiled function per spec whatever the
   batch), and masks the padding slots of images that need fewer. Later locations refine the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.models.deit import register_family
 from saitjax.models.vit import Aux, TokenState, VisionTransformer
 from saitjax.sparsity import SparsityError, SparsitySpec

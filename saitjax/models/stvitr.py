@@ -38,8 +38,8 @@ import numpy as np
 
 from saitjax.models.registry import register_model
 from saitjax.models.swin import LN_EPS, SWIN_SIZES, PatchMerging, SwinBlock, SwinTransformer
-from saitjax.models import precision, token_ops
-from saitjax.models.token_ops import adaptive_max_pool
+from saitjax.models.core import precision, token_ops
+from saitjax.models.core.token_ops import adaptive_max_pool
 from saitjax.models.vit import Aux, DropPath, Mlp
 from saitjax.sparsity import SparsitySpec
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saitjax.models import precision, token_ops
+from saitjax.models.core import precision, token_ops
 from saitjax.models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from saitjax.models.registry import register_model
 from saitjax.models.vit import Aux, DropPath, Mlp, check_nhwc_images
@@ -75,7 +75,7 @@ class SwinBlock(nn.Module):
     """Pre-norm Swin block on a ``[B, H, W, C]`` map: (shifted-)window attention, then the MLP.
 
     ``window_size`` and ``shift_size`` are the ones actually used (see
-    :func:`saitjax.models.token_ops.effective_window`); the map side must be a multiple of the window.
+    :func:`saitjax.models.core.token_ops.effective_window`); the map side must be a multiple of the window.
     Written with ``setup`` and two named halves, :meth:`token_mix` (``x + attention``) and
     :meth:`channel_mlp` (``MLP(LN(.))``), so that a routed variant (DynamicViT's fast/slow paths)
     reuses them under the same parameter names.

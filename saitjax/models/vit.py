@@ -15,7 +15,7 @@ subclass of another method):
   the MLP, on this block's attention (EViT fusion, ToMe merging). The base class does nothing.
 
 Per-image counts (adaptive rules) run through the shared capacity-bucket runner
-(:mod:`saitjax.models.buckets`); a model supplies the counts through :meth:`per_image_counts`.
+(:mod:`saitjax.models.core.buckets`); a model supplies the counts through :meth:`per_image_counts`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from saitjax.models import attention, precision, remat, token_ops
-from saitjax.models.layer_norm import LayerNorm
+from saitjax.models.core import attention, precision, remat, token_ops
+from saitjax.models.core.activations import gelu_exact
+from saitjax.models.core.layer_norm import LayerNorm
 from saitjax.sparsity import SparsityError, SparsitySpec
 
 Array = jax.Array
@@ -140,7 +141,7 @@ class Attention(nn.Module):
     similarity metric). XLA drops whichever the caller does not use. ``log_size [B, N]`` adds
     ToMe's proportional-attention bias ``log(size_j)`` to the logits of key ``j``.
 
-    ``impl`` picks the kernel (:mod:`saitjax.models.attention`): the fused kernel computes the CLS
+    ``impl`` picks the kernel (:mod:`saitjax.models.core.attention`): the fused kernel computes the CLS
     row apart in O(N); the explicit one builds the float32 matrix, needed when ``keep`` carries
     gradients in training (``keep_gradient``) or with a context. Logits and softmax are float32
     in both, whatever ``dtype`` the projections run in.
@@ -206,7 +207,7 @@ class Mlp(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
         x = precision.dense(int(c * self.mlp_ratio), self.dtype, "fc1", kernel_init=_dense_init)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu_exact(x)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         x = precision.dense(c, self.dtype, "fc2", kernel_init=_dense_init)(x)
         return nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -218,7 +219,7 @@ class Block(nn.Module):
     :meth:`attend` is ``x + Attn(LN(x))`` and also returns the attention info (see
     :class:`Attention`); :meth:`feed_forward` is ``x + MLP(LN(x))``. EViT and ToMe reduce the
     tokens in between; ``__call__`` runs both halves back to back. ``train`` is the second
-    argument of each (the static argument of their rematerialised form, :mod:`saitjax.models.remat`).
+    argument of each (the static argument of their rematerialised form, :mod:`saitjax.models.core.remat`).
     """
 
     num_heads: int
@@ -412,7 +413,7 @@ class VisionTransformer(nn.Module):
         location; it comes back here with ``in_bucket=True`` (selection before block ``start``
         done, later locations refine the validity mask inside the bucket).
         """
-        from saitjax.models import buckets  # the runner calls back into run_blocks
+        from saitjax.models.core import buckets  # the runner calls back into run_blocks
 
         stages = {} if spec.is_dense or spec.in_block else {loc: s for s, loc in enumerate(spec.locations)}
         for i in range(start, self.depth):

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import token_ops
+from saitjax.models.core import token_ops
 from saitjax.sparsity import SparsitySpec
 
 Array = jax.Array

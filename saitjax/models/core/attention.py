@@ -5,7 +5,7 @@ Two ways to compute ``softmax(q k^T / sqrt(d) + bias) v`` with pruned keys invis
 * **fused**: :func:`jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA's fused
   attention elsewhere), ``[B, N, H, d]`` layout, the keep mask as the kernel's boolean mask. The
   ``[B, H, N, N]`` matrix is never returned, so XLA (and cuDNN) need not keep it for the caller.
-* **explicit**: the full float32 matrix (:func:`saitjax.models.token_ops.masked_softmax`, the
+* **explicit**: the full float32 matrix (:func:`saitjax.models.core.token_ops.masked_softmax`, the
   multiplicative form through which a straight-through keep mask receives gradients).
 
 What the token methods read from attention is computed beside the fused kernel in O(N):
@@ -49,7 +49,7 @@ def needs_explicit_attention(impl: str, train: bool, keep: Array | None, keep_gr
 
 def visible_mask(keep: Array) -> Array:
     """Boolean ``[B, 1, N, N]``: key ``j`` is visible to query ``i`` if kept or ``i == j`` (the
-    0/1 form of :func:`saitjax.models.token_ops.visible_keys`)."""
+    0/1 form of :func:`saitjax.models.core.token_ops.visible_keys`)."""
     n = keep.shape[-1]
     return (keep[:, None, None, :] > 0) | jnp.eye(n, dtype=bool)[None, None]
 

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import precision
+from saitjax.models.core import precision
+from saitjax.models.core.activations import gelu_exact
 
 Array = jax.Array
 
@@ -35,14 +36,14 @@ class Predictor(nn.Module):
             return precision.dense(features, self.dtype, name, kernel_init=_PREDICTOR_INIT)
 
         z = nn.LayerNorm(self.eps, dtype=self.dtype, name="in_norm")(x)
-        z = nn.gelu(dense(c, "in_fc")(z), approximate=False)
+        z = gelu_exact(dense(c, "in_fc")(z))
         local, glob = z[..., : c // 2], z[..., c // 2:]
         d = decisions.astype(z.dtype)[..., None]
         # Global context = mean of the kept tokens; the guard only matters for an all-dropped image.
         g = jnp.sum(glob * d, axis=1, keepdims=True) / jnp.maximum(jnp.sum(d, axis=1, keepdims=True), 1.0)
         h = jnp.concatenate([local, jnp.broadcast_to(g, glob.shape)], axis=-1)
-        h = nn.gelu(dense(c // 2, "out_fc1")(h), approximate=False)
-        h = nn.gelu(dense(c // 4, "out_fc2")(h), approximate=False)
+        h = gelu_exact(dense(c // 2, "out_fc1")(h))
+        h = gelu_exact(dense(c // 4, "out_fc2")(h))
         return jax.nn.log_softmax(dense(2, "out_fc3")(h).astype(jnp.float32), axis=-1)
 
 

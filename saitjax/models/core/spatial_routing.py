@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saitjax.models import precision, token_ops
+from saitjax.models.core import precision, token_ops
 
 Array = jax.Array
 
