@@ -40,7 +40,10 @@ def _environment() -> dict[str, Any]:
     device = jax.devices()[0]
     return {"device": getattr(device, "device_kind", str(device)), "backend": jax.default_backend(),
             "num_devices": jax.device_count(), "jax_version": jax.__version__,
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            # The allocator changes CPU timings by ~10 % (README "FLOPs and speed"): record it.
+            "allocator_env": {k: v for k, v in sorted(os.environ.items())
+                              if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "XLA_FLAGS")}}
 
 
 class Variant:
@@ -54,15 +57,22 @@ class Variant:
         self.extra: dict[str, Any] = {}
 
     def time_once(self) -> None:
-        # One untimed call right before the timed one: the timed call then runs back to back, as in
-        # a serving or training loop, with this variant's threads awake and the previous variant's
-        # (PyTorch's OpenMP pool, XLA's) done spinning. Without it, whichever framework follows
-        # the other pays for the other's spinning threads; with a pause instead, both pay for
-        # waking up (XLA more: DeiT-S bf16 at batch 1 measured 37 ms back to back, 53 after 50 ms idle).
-        self.call()
-        start = time.perf_counter()
-        self.call()
-        self.times.append(time.perf_counter() - start)
+        self.times.append(time_back_to_back(self.call))
+
+
+def time_back_to_back(call: Callable[[], Any]) -> float:
+    """Seconds of one ``call()`` (until its arrays are ready) that follows an untimed one.
+
+    The untimed call right before makes the timed one run back to back, as in a serving or
+    training loop, with this variant's threads awake and the previous variant's (PyTorch's OpenMP
+    pool, XLA's) done spinning. Without it, whichever framework follows the other pays for the
+    other's spinning threads; with a pause instead, both pay for waking up (XLA more: DeiT-S bf16
+    at batch 1 measured 37 ms back to back, 53 after 50 ms idle). Both benchmark CLIs time this way.
+    """
+    jax.block_until_ready(call())
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
 
 
 def saitjax_variant(model, variables, images, spec: SparsitySpec, name: str | None = None) -> Variant:

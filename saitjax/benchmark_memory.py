@@ -8,8 +8,9 @@ Every combination of resolution x precision x remat x attention is compiled for 
 step (the trainer's AdamW update with mixup, clipping and the dense method's loss) and for the
 evaluation forward. Peak memory is read from the compiled executable's memory analysis
 (arguments + outputs + temporaries - donated aliases: what the device must hold at once), so it
-needs no accelerator to be measured. With ``--runs > 0`` each step is also timed, interleaved
-across the variants of one resolution; ratios are to the first variant of that resolution.
+needs no accelerator to be measured. With ``--runs > 0`` each step is also timed the way
+``saitjax.benchmark`` times (back to back, interleaved across the variants of one resolution);
+ratios are to the first variant of that resolution.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import saitjax
-from saitjax.benchmark import _environment, append_json_rows
+from saitjax.benchmark import _environment, append_json_rows, time_back_to_back
 from saitjax.checkpointing import TrainState
 from saitjax.config import PRECISIONS, base_config
 from saitjax.methods import build_method
@@ -55,9 +56,7 @@ class StepVariant:
         self.times: list[float] = []
 
     def time_once(self) -> None:
-        start = time.perf_counter()
-        jax.block_until_ready(self.call())
-        self.times.append(time.perf_counter() - start)
+        self.times.append(time_back_to_back(self.call))
 
 
 def _train_variant(model: Any, batch_size: int, fields: dict[str, Any], seed: int) -> StepVariant:

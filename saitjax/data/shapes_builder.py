@@ -17,7 +17,9 @@ deterministic, needs no network and no manual download: ~20 s for the default co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import io
 import os
@@ -264,7 +266,10 @@ def build_shapes_dataset(data_dir: str | os.PathLike | None = None, config: str 
                          ) -> tfds.core.DatasetBuilder:
     """The ``saitjax_shapes/<config>`` builder, generated into ``data_dir`` on first use only.
 
-    Idempotent: prepared data is never regenerated or overwritten. No network access.
+    Idempotent: prepared data is never regenerated or overwritten. No network access. Processes
+    that start together on a fresh machine (a sweep, the hosts of a job on one shared disk) take
+    turns through a lock file next to the data, so one generates and the others then read;
+    without it the second one to finish failed with TFDS's "Destination ... already exists".
     """
     configs = [c.name for c in SaitjaxShapes.BUILDER_CONFIGS]
     if config not in configs:
@@ -273,8 +278,25 @@ def build_shapes_dataset(data_dir: str | os.PathLike | None = None, config: str 
     if data_dir is not None:
         os.makedirs(data_dir, exist_ok=True)
     builder = tfds.builder(f"saitjax_shapes/{config}", data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    if builder.is_prepared():
+        return builder
+    with _generation_lock(os.fspath(builder.data_dir_root), config):
+        builder = tfds.builder(f"saitjax_shapes/{config}", data_dir=data_dir)  # look again
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     return builder
+
+
+@contextlib.contextmanager
+def _generation_lock(root: str, config: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<root>/saitjax_shapes.<config>.lock`` (local directories; a
+    remote ``gs://`` root has no file locks and is generated unguarded)."""
+    if "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f"saitjax_shapes.{config}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+        yield
