@@ -284,7 +284,8 @@ def test_hierarchical_loss_terms_equal_numpy(name):
         build_method(c, model)
 
 
-@pytest.mark.usefixtures("fast_xla")
+@pytest.mark.extended  # ~60 s; the 8-device ViT DynamicViT run, the hierarchical loss terms and
+@pytest.mark.usefixtures("fast_xla")  # test_dynamicvit_spatial's training tests stay in the default run
 def test_hierarchical_model_trains_on_eight_devices(tmp_path):
     """DynamicViT-Swin from a dense Swin .npz (no predictors, no fast paths): a training step on 8 devices
     (evaluation of the routed model: the single-device tests)."""

@@ -26,6 +26,7 @@ def test_stored_without_outputs_with_one_parameter_cell_and_an_install_cell():
     assert "colab.research.google.com/github/" in nb.cells[0].source
 
 
+@pytest.mark.extended  # ~100 s: its trainer, sweep, FLOPs and plots also run in test_main / test_method_*
 @pytest.mark.usefixtures("fast_xla")
 def test_quickstart_runs_end_to_end(tmp_path):
     from nbclient import NotebookClient
