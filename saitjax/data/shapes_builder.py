@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import io
 import os
@@ -292,8 +291,12 @@ def build_shapes_dataset(data_dir: str | os.PathLike | None = None, config: str 
 @contextlib.contextmanager
 def _generation_lock(root: str, config: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``<root>/saitjax_shapes.<config>.lock`` (local directories; a
-    remote ``gs://`` root has no file locks and is generated unguarded)."""
-    if "://" in root:
+    remote ``gs://`` root, or a system without ``fcntl``, is generated unguarded)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if "://" in root or fcntl is None:
         yield
         return
     os.makedirs(root, exist_ok=True)
