@@ -1,5 +1,7 @@
 """GELU: the erf form equals jax's erfc form and PyTorch's GELU, and its gradient is GELU's."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,7 @@ def test_gelu_exact_gradient_is_gelu_derivative():
     x = jnp.asarray(_inputs())
     grad = jax.vmap(jax.grad(gelu_exact))(x)
     phi = np.exp(-np.square(np.float64(x)) / 2) / np.sqrt(2 * np.pi)
-    cdf = 0.5 * (1 + np.vectorize(__import__("math").erf)(np.float64(x) / np.sqrt(2)))
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(np.float64(x) / np.sqrt(2)))
     np.testing.assert_allclose(grad, cdf + np.float64(x) * phi, rtol=1e-5, atol=1e-6)
 
 
